@@ -1,0 +1,42 @@
+"""Sub-commands that are not training stages: built-in task helpers (and, later, data tools)."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("builtin", help="build the built-in model or write built-in task data")
+    bsub = p.add_subparsers(dest="builtin_command", required=True)
+    m = bsub.add_parser("model", help="build a built-in model folder (save_pretrained format)")
+    m.add_argument("--size", default="tiny", help="tiny or small")
+    m.add_argument("--out", help="folder to write (default: the alignkit cache)")
+    m.set_defaults(func=_builtin_model)
+    d = bsub.add_parser("data", help="write built-in task data as JSONL")
+    d.add_argument("--kind", required=True, help="sft, prompts, pairs, rankings, ratings or binary")
+    d.add_argument("--n", type=int, default=1000)
+    d.add_argument("--split", default="train", choices=["train", "eval"])
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=_builtin_data)
+
+
+def _builtin_model(args) -> int:
+    from alignkit import builtin
+
+    if args.out:
+        model, tok = builtin.build_model(args.size)
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        print(args.out)
+    else:
+        print(builtin.ensure_model(f"builtin:{args.size}"))
+    return 0
+
+
+def _builtin_data(args) -> int:
+    from alignkit import builtin
+
+    builtin.write_builtin(args.kind, args.n, args.out, split=args.split, seed=args.seed)
+    print(json.dumps({"written": args.out, "rows": args.n, "kind": args.kind}))
+    return 0

@@ -1,0 +1,209 @@
+"""Typed configs: one dataclass per stage, built from shared groups, mirrored one to one by YAML.
+
+Defaults live only in these dataclasses. YAML is read with ``yaml.safe_load`` and
+merged into the dataclass schema by OmegaConf, which rejects unknown keys and
+wrong types by name; command-line overrides are ``--section.key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear" targets every linear layer but the output head (peft's shortcut).
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # Also write output_dir/final_merged/: base + adapter merged, loadable without peft.
+    merge_on_save: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # A Hub id, a local directory, or builtin:tiny / builtin:small (built offline on first use).
+    name_or_path: str = "builtin:tiny"
+    # Tokenizer location when it differs from the model's.
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    # Weights dtype: float32, bfloat16 or float16 (mixed precision is train.mixed_precision).
+    dtype: str = "float32"
+    # Run code shipped with a Hub model: only when you trust its author.
+    trust_remote_code: bool = False
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    # Recompute activations in backward: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ConfigError("model.load_in_8bit and model.load_in_4bit: choose one")
+
+
+@dataclass
+class DataConfig:
+    # Files (.jsonl, .json, .parquet, save_to_disk folders), builtin:<kind>[:<split>[:<n>]] or hf:<name>[:<split>].
+    train_files: List[str] = field(default_factory=lambda: ["builtin:sft"])
+    eval_files: List[str] = field(default_factory=list)
+    # Longest tokenized prompt + answer.
+    max_length: int = 256
+    # What to do with a longer example: error (stop before training, naming the row),
+    # truncate (cut the answer's end, or the prompt's start if the prompt alone is too long), drop.
+    truncation: str = "error"
+    # Put several short examples in one row (they cannot attend to each other).
+    packing: bool = True
+
+    def __post_init__(self):
+        if self.truncation not in ("error", "truncate", "drop"):
+            raise ConfigError(f"data.truncation: must be error, truncate or drop, got {self.truncation!r}")
+        if self.max_length < 8:
+            raise ConfigError("data.max_length: must be at least 8")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    num_epochs: float = 1.0
+    # If > 0, stop after this many optimizer steps (overrides num_epochs).
+    max_steps: int = -1
+    # Examples (or packed rows) per process per micro-batch.
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_ratio: float = 0.03
+    # linear, cosine, constant, constant_with_warmup (transformers' schedulers).
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    # no, bf16 or fp16: autocast; bf16 is about 2x faster than fp32 on recent CPUs too.
+    mixed_precision: str = "no"
+    # Evaluate every N optimizer steps (0: only at the end).
+    eval_every: int = 0
+    # Checkpoint every N optimizer steps (0: never); --resume continues from the last one.
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision: must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("train.per_device_batch_size and train.gradient_accumulation_steps must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    # Trackers besides output_dir/metrics.jsonl (always written): wandb, tensorboard.
+    trackers: List[str] = field(default_factory=list)
+    project: str = "alignkit"
+    run_name: Optional[str] = None
+    # Show a progress bar on the main process.
+    progress: bool = True
+
+    def __post_init__(self):
+        bad = [t for t in self.trackers if t not in ("wandb", "tensorboard", "jsonl")]
+        if bad:
+            raise ConfigError(f"log.trackers: unknown tracker(s) {bad}; choose from wandb, tensorboard")
+
+
+def _to_plain(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def to_dict(cfg) -> dict:
+    return _to_plain(cfg)
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """``--train.learning_rate=1e-4`` or ``--train.learning_rate 1e-4`` -> OmegaConf dotlist entries."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or a == "--":
+            raise ConfigError(f"unexpected argument {a!r}: overrides look like --section.key=value")
+        a = a[2:]
+        if "=" not in a:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override --{a} has no value: write --{a}=VALUE")
+            a = f"{a}={args[i + 1]}"
+            i += 1
+        out.append(a)
+        i += 1
+    return out
+
+
+def load_config(cls: Type[T], path: str | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> T:
+    """Build ``cls`` from its defaults, then a YAML file (or dict), then dotlist overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    where = path or "<config>"
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if data:
+        raw = {**raw, **data}
+    try:
+        schema = OmegaConf.structured(cls)
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw))
+        if overrides:
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"command line: {_omega_msg(e)}") from None
+        return OmegaConf.to_object(merged)
+    except ConfigError as e:
+        if str(e).startswith("command line"):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_omega_msg(e)}") from None
+
+
+def _omega_msg(e) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).split("\n")[0]
+    if "not in" in msg and key:
+        return f"unknown key '{key}' ({msg})"
+    return f"{key}: {msg}" if key else msg
+
+
+def save_config(cfg, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

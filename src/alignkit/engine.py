@@ -1,0 +1,216 @@
+"""What every stage shares: accelerate set-up, optimizer and schedule, metrics, checkpoints.
+
+Plain functions, no base class: each stage's loop calls them in the order it reads.
+Checkpoints hold only safetensors and ``weights_only`` tensors plus JSON, so
+resuming never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from alignkit.config import LogConfig, TrainConfig, to_dict
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
+    """An Accelerator with the run's trackers; JSONL metrics are always written by MetricsLogger."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = [t for t in log.trackers if t != "jsonl"]
+    if "wandb" in trackers and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"  # no key, no network: log locally, `wandb sync` later
+    os.makedirs(output_dir, exist_ok=True)
+    if "wandb" in trackers:
+        os.environ.setdefault("WANDB_DIR", output_dir)
+    acc = Accelerator(
+        mixed_precision=train.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")),
+    )
+    return acc
+
+
+def init_trackers(accelerator, log: LogConfig, config) -> None:
+    if accelerator.log_with:
+        kwargs = {"wandb": {"name": log.run_name}} if log.run_name else {}
+        accelerator.init_trackers(log.project, config=_flat(to_dict(config)), init_kwargs=kwargs)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+def make_optimizer(model, train: TrainConfig, num_training_steps: int, params=None):
+    """AdamW (no weight decay on biases and norms) with warmup and a transformers schedule."""
+    from transformers import get_scheduler
+
+    named = [(n, p) for n, p in (params if params is not None else model.named_parameters()) if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.learning_rate,
+                            betas=(train.adam_beta1, train.adam_beta2))
+    warmup = math.ceil(train.warmup_ratio * num_training_steps)
+    sched = get_scheduler(train.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=num_training_steps)
+    return opt, sched
+
+
+class MetricsLogger:
+    """Appends one JSON object per log call to ``output_dir/metrics.jsonl`` and forwards to trackers."""
+
+    def __init__(self, accelerator, output_dir: str, resume: bool = False):
+        self.accelerator = accelerator
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.start = time.time()
+        if accelerator.is_main_process and not resume and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def log(self, metrics: dict, step: int) -> None:
+        metrics = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "time": round(time.time() - self.start, 3), **metrics}) + "\n")
+        if self.accelerator.log_with:
+            self.accelerator.log(metrics, step=step)
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(accelerator, total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                disable=not (enabled and accelerator.is_local_main_process))
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, output_dir: str) -> None:
+    if not torch.isfinite(value).all():
+        last = latest_checkpoint(output_dir)
+        kept = f"; the last good checkpoint is kept at {last}" if last else ""
+        raise TrainingError(f"non-finite {what} at step {step} ({value.detach().float().flatten()[:4].tolist()}): "
+                            f"stopping{kept}. Lower the learning rate or check the data.")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CKPT_PREFIX = "checkpoint-"
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Only the trained tensors: the full model, or a LoRA adapter and its heads."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, models: dict, optimizers: dict, schedulers: dict,
+                    state: dict, keep: int = 2) -> str | None:
+    """Write ``output_dir/checkpoint-<step>/``: trainable weights as safetensors, optimizer and
+    scheduler states as plain tensors, and ``state.json``; keep the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    accelerator.wait_for_everyone()
+    path = os.path.join(output_dir, f"{CKPT_PREFIX}{step}")
+    if accelerator.is_main_process:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, model in models.items():
+            save_file(trainable_state(accelerator.unwrap_model(model)), os.path.join(tmp, f"{name}.safetensors"))
+        for name, opt in optimizers.items():
+            torch.save(opt.state_dict(), os.path.join(tmp, f"{name}.optimizer.pt"))
+        for name, sched in schedulers.items():
+            with open(os.path.join(tmp, f"{name}.scheduler.json"), "w") as f:
+                json.dump(sched.state_dict(), f, default=_json_default)
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, **state}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint under the real name
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if callable(o):
+        return None  # lr_lambdas are rebuilt by the scheduler's constructor
+    raise TypeError(type(o))
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    steps = []
+    for d in os.listdir(output_dir):
+        if d.startswith(CKPT_PREFIX) and not d.endswith(".tmp") and d[len(CKPT_PREFIX):].isdigit():
+            steps.append(int(d[len(CKPT_PREFIX):]))
+    return [os.path.join(output_dir, f"{CKPT_PREFIX}{s}") for s in sorted(steps)]
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(accelerator, path: str, models: dict, optimizers: dict, schedulers: dict) -> dict:
+    from safetensors.torch import load_file
+
+    for name, model in models.items():
+        tensors = load_file(os.path.join(path, f"{name}.safetensors"))
+        target = accelerator.unwrap_model(model)
+        params = dict(target.named_parameters())
+        missing = [n for n in tensors if n not in params]
+        if missing:
+            raise TrainingError(f"{path}: checkpoint tensors {missing[:3]} do not match the model")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t.to(params[n].dtype))
+    for name, opt in optimizers.items():
+        opt.load_state_dict(torch.load(os.path.join(path, f"{name}.optimizer.pt"), weights_only=True,
+                                       map_location="cpu"))
+    for name, sched in schedulers.items():
+        with open(os.path.join(path, f"{name}.scheduler.json")) as f:
+            sd = json.load(f)
+        sd.pop("lr_lambdas", None)
+        sched.load_state_dict({**sched.state_dict(), **sd})
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_json_default)

@@ -1,0 +1,195 @@
+"""Loading and saving models: Hub ids, local folders and the built-in default, through
+the same ``from_pretrained`` path; LoRA via peft; 8-/4-bit via bitsandbytes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from alignkit.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Used when a tokenizer has no chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}### System:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
+    "{% else %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def resolve_path(name_or_path: str) -> str:
+    """builtin:* -> the built folder; a local path must exist; anything else is a Hub id."""
+    if name_or_path.startswith("builtin:"):
+        from alignkit.builtin import ensure_model
+
+        return ensure_model(name_or_path)
+    # Hub ids are "name" or "org/name"; anything else is meant as a folder.
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        return path
+    if looks_local:
+        raise ModelLoadError(f"model path not found: {name_or_path}")
+    return name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    path = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load tokenizer from {cfg.tokenizer or cfg.name_or_path}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        raise ModelLoadError(f"tokenizer {path} has no eos_token: alignkit needs one to end answers")
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.padding_side = padding_side
+    return tok
+
+
+def _quantization(cfg: ModelConfig):
+    if not (cfg.load_in_8bit or cfg.load_in_4bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = DTYPES["bfloat16"] if cfg.dtype == "float32" else DTYPES[cfg.dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RLHF needs deterministic log-probs: dropout off in every model (Huang et al. 2024)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def load_model(cfg: ModelConfig, *, task: str = "causal-lm", num_labels: int = 1, pad_token_id: int | None = None,
+               trainable: bool = True, path: str | None = None):
+    """Load a causal LM (``task="causal-lm"``) or a sequence-scoring model (``task="reward"``).
+
+    ``path`` overrides ``cfg.name_or_path`` (e.g. a reward model initialised from an SFT output).
+    LoRA (``cfg.lora.enabled``) wraps the model with peft; for a reward model the score
+    head is fully trained and saved with the adapter (``modules_to_save``).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    src = resolve_path(path or cfg.name_or_path)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=DTYPES[cfg.dtype],
+                  attn_implementation=cfg.attn_implementation)
+    quant = _quantization(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": _device()}
+    try:
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        elif task == "reward":
+            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels, **kwargs)
+            if pad_token_id is not None:
+                model.config.pad_token_id = pad_token_id
+        else:
+            raise ValueError(f"unknown task {task!r}")
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {path or cfg.name_or_path}: {e}") from None
+    if quant is not None and trainable:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled and trainable:
+        model = add_lora(model, cfg, task)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    elif (quant is not None) and trainable:
+        raise ModelLoadError("8-/4-bit weights cannot be trained directly: set model.lora.enabled=true (QLoRA)")
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def add_lora(model, cfg: ModelConfig, task: str = "causal-lm", adapter_name: str = "default"):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = cfg.lora.target_modules
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+        task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
+        # The reward head starts random: train it fully and save it with the adapter.
+        modules_to_save=["score"] if task == "reward" else None,
+    )
+    return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def _device():
+    if torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return "cpu"
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_model(model, tokenizer, out_dir: str, cfg: ModelConfig | None = None) -> None:
+    """``save_pretrained`` (safetensors) of a full model or a LoRA adapter, plus the tokenizer.
+
+    With ``cfg.lora.merge_on_save`` also write ``<out_dir>_merged``: the base model with the
+    adapter merged in, loadable without peft.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if cfg is not None and is_peft(model) and cfg.lora.merge_on_save:
+        export_merged(out_dir, out_dir.rstrip("/") + "_merged", cfg)
+
+
+def export_merged(adapter_dir: str, out_dir: str, cfg: ModelConfig, num_labels: int | None = None) -> str:
+    """Load the unquantized base, apply the adapter from ``adapter_dir``, merge, and save.
+
+    ``num_labels`` set means a reward model (sequence classification with that many outputs).
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    base = resolve_path(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path)
+    # Quantized training still merges into full-precision weights.
+    dtype = DTYPES["float32"] if cfg.load_in_4bit or cfg.load_in_8bit else DTYPES[cfg.dtype]
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    if num_labels is not None:
+        base_model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=num_labels, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        base_model.config.pad_token_id = tok.pad_token_id
+    else:
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,234 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+    alignkit sft --config configs/sft/tiny.yaml
+    accelerate launch scripts/train_sft.py --config configs/sft/tiny.yaml
+
+Reads top to bottom: accelerator -> tokenizer -> data (validated before the model
+loads) -> model -> fit. The loss is the mean cross-entropy over every answer token
+of the global batch (all micro-batches, all processes), so gradient accumulation
+and the number of processes do not change what is optimised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from alignkit import engine
+from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, save_config
+from alignkit.modeling import count_parameters, load_model, load_tokenizer, save_model
+from alignkit.schema import DataError, demonstrations, load_examples
+from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/sft"
+
+
+def sft_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over answer tokens and their count.
+
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX on prompt and padding.
+    Position t predicts token t+1, so labels are shifted left by one.
+    """
+    shift_logits = logits[:, :-1].flatten(0, 1).float()
+    shift_labels = labels[:, 1:].flatten()
+    loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (shift_labels != IGNORE_INDEX).sum()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def make_loader(rows, batch_size, collate, seed, shuffle=True):
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=EpochSampler(len(rows), seed, shuffle),
+                                       collate_fn=collate)
+
+
+def prepare_sft_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """Load, validate and tokenize train and eval data; every problem is reported before training."""
+    problems, out, stats = [], [], {}
+    for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
+        if not files:
+            out.append([])
+            continue
+        try:
+            pairs = demonstrations(load_examples(files, seed=cfg.train.seed))
+            if not pairs:
+                raise DataError([f"{', '.join(files)}: labels: no demonstrations found "
+                                 "(SFT needs {prompt, completion}, {messages} or demonstration labels)"])
+            encoded, dropped = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.truncation)
+        except DataError as e:
+            problems.extend(e.problems)
+            out.append([])
+            continue
+        rows = sft_rows(encoded, cfg.data.max_length, cfg.data.packing)
+        stats[split] = {"examples": len(encoded), "dropped": dropped, "rows": len(rows),
+                        "answer_tokens": sum(len(e.answer_ids) for e in encoded)}
+        out.append(rows)
+    if problems:
+        raise DataError(problems)
+    return out[0], out[1], stats
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> float:
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        batch.pop("num_tokens")
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        loss_sum, n = sft_token_loss(logits, labels)
+        total += loss_sum
+        count += n
+    model.train()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count.clamp(min=1)).item()
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    accelerator = engine.make_accelerator(cfg.train, cfg.log, cfg.output_dir)
+    engine.seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows, eval_rows, data_stats = prepare_sft_data(cfg, tokenizer)
+
+    model = load_model(cfg.model, task="causal-lm")
+    model.config.use_cache = False  # no KV cache while training
+    trainable, total = count_parameters(model)
+
+    def collate(rows):
+        return collate_sft(rows, tokenizer.pad_token_id)
+
+    bs, accum = cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps
+    train_loader = make_loader(train_rows, bs, collate, cfg.train.seed)
+    eval_loader = make_loader(eval_rows, bs, collate, cfg.train.seed, shuffle=False) if eval_rows else None
+    micro_per_epoch = math.ceil(len(train_rows) / (bs * accelerator.num_processes))
+    steps_per_epoch = max(1, micro_per_epoch // accum)
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_epochs * steps_per_epoch)
+    optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    step = 0
+    if cfg.train.resume:
+        ckpt = engine.latest_checkpoint(cfg.output_dir)
+        if ckpt is None:
+            accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+        else:
+            step = engine.load_checkpoint(accelerator, ckpt, {"model": model}, {"model": optimizer},
+                                          {"model": scheduler})["step"]
+            accelerator.print(f"resumed from {ckpt} at step {step}")
+    if accelerator.is_main_process:
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    engine.init_trackers(accelerator, cfg.log, cfg)
+    logger = engine.MetricsLogger(accelerator, cfg.output_dir, resume=step > 0)
+
+    eval_before = evaluate(model, eval_loader, accelerator) if eval_loader is not None and step == 0 else None
+    if eval_before is not None:
+        logger.log({"eval/loss": eval_before}, step=0)
+
+    model.train()
+    bar = engine.progress(accelerator, total_steps, initial=step, desc="sft", enabled=cfg.log.progress)
+    world = accelerator.num_processes
+    start, tokens_seen, last_log = time.time(), 0, {}
+    epoch = step // steps_per_epoch
+    batches = _micro_batches(accelerator, train_loader, epoch, skip=(step % steps_per_epoch) * accum)
+    while step < total_steps:
+        group, num_tokens = [], []
+        for _ in range(accum):
+            mb = next(batches, None)
+            if mb is None:  # epoch ended: next epoch's order
+                epoch += 1
+                batches = _micro_batches(accelerator, train_loader, epoch, skip=0)
+                mb = next(batches)
+            num_tokens.append(mb.pop("num_tokens"))
+            group.append(mb)
+        # Normalise by the answer tokens of the whole global batch, so every token weighs the same.
+        local_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in group)
+        global_tokens = accelerator.reduce(local_tokens.clone(), "sum").clamp(min=1)
+        loss_total = torch.zeros((), device=accelerator.device)
+        for i, mb in enumerate(group):
+            labels = mb.pop("labels")
+            sync = i == len(group) - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                logits = model(**mb).logits
+                loss_sum, _ = sft_token_loss(logits, labels)
+                # DDP averages gradients over processes; multiply back so the result is the global token mean.
+                accelerator.backward(loss_sum * world / global_tokens)
+            loss_total += loss_sum.detach()
+            tokens_seen += int(num_tokens[i])
+        train_loss = accelerator.reduce(loss_total, "sum") / global_tokens
+        engine.check_finite(train_loss, "training loss", step, cfg.output_dir)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            elapsed = time.time() - start
+            last_log = {"train/loss": train_loss.item(), "train/grad_norm": float(grad_norm),
+                        "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch,
+                        "train/tokens_per_second": tokens_seen * world / max(elapsed, 1e-9)}
+            logger.log(last_log, step=step)
+            bar.set_postfix(loss=f"{train_loss.item():.4f}")
+        if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+            logger.log({"eval/loss": evaluate(model, eval_loader, accelerator)}, step=step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+            engine.save_checkpoint(accelerator, cfg.output_dir, step, {"model": model}, {"model": optimizer},
+                                   {"model": scheduler}, {"epoch": epoch}, keep=cfg.train.keep_checkpoints)
+    bar.close()
+    runtime = time.time() - start
+
+    eval_after = evaluate(model, eval_loader, accelerator) if eval_loader is not None else None
+    if eval_after is not None:
+        logger.log({"eval/loss": eval_after}, step=step)
+    accelerator.wait_for_everyone()
+    final_dir = os.path.join(cfg.output_dir, "final")
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, final_dir, cfg.model)
+    summary = {
+        "stage": "sft", "steps": step, "train_loss": last_log.get("train/loss"),
+        "eval_loss_before": eval_before, "eval_loss_after": eval_after, "runtime_seconds": round(runtime, 2),
+        "tokens_per_second": last_log.get("train/tokens_per_second"), "trainable_parameters": trainable,
+        "total_parameters": total, "num_processes": world, "data": data_stats, "final_dir": final_dir,
+    }
+    if accelerator.is_main_process:
+        engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    accelerator.end_training()
+    return summary
+
+
+def _micro_batches(accelerator, loader, epoch: int, skip: int):
+    loader.set_epoch(epoch)
+    it = accelerator.skip_first_batches(loader, skip) if skip else loader
+    yield from it

@@ -1,0 +1,161 @@
+"""Prompt/answer tokenization with chat templates, truncation policy, and packing.
+
+A prompt is rendered with the tokenizer's chat template (``add_generation_prompt``),
+then the answer's tokens and EOS follow. This is exactly the text PPO later
+generates from, and it lets SFT put the loss on answer tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.schema import DataError, Example
+
+IGNORE_INDEX = -100
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+@dataclass
+class Encoded:
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    source: str
+
+
+def fit_length(prompt_ids, answer_ids, max_length, policy, where, problems) -> tuple[list, list] | None:
+    """Apply the truncation policy; return None (and maybe record a problem) when the row is out."""
+    n = len(prompt_ids) + len(answer_ids)
+    if n <= max_length:
+        return prompt_ids, answer_ids
+    if policy == "error":
+        problems.append(f"{where}: answers: {n} tokens (prompt {len(prompt_ids)} + answer {len(answer_ids)}) "
+                        f"exceed data.max_length={max_length}; raise max_length or set data.truncation=truncate|drop")
+        return None
+    if policy == "drop":
+        return None
+    # truncate: keep the whole prompt when possible (cut the answer's end); otherwise keep the
+    # prompt's end (the latest turns matter most) and at least a few answer tokens.
+    keep_answer = max(max_length - len(prompt_ids), min(len(answer_ids), max_length // 4))
+    answer_ids = answer_ids[:keep_answer]
+    prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
+    return prompt_ids, answer_ids
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[Example, str]], max_length: int, policy: str) -> tuple[list[Encoded], int]:
+    """Tokenize (example, answer) pairs; all over-length rows are reported together.
+
+    Returns the encoded rows and how many were dropped.
+    """
+    problems: list[str] = []
+    out, dropped = [], 0
+    prompt_cache: dict[str, list[int]] = {}
+    for ex, answer in pairs:
+        key = repr(ex.prompt)
+        if key not in prompt_cache:
+            prompt_cache[key] = encode_prompt(tokenizer, ex.messages)
+        fitted = fit_length(prompt_cache[key], encode_answer(tokenizer, answer), max_length, policy, ex.source,
+                            problems)
+        if fitted is None:
+            dropped += 1
+            continue
+        out.append(Encoded(fitted[0], fitted[1], ex.source))
+    if problems:
+        raise DataError(problems)
+    return out, dropped
+
+
+def sft_rows(encoded: list[Encoded], max_length: int, packing: bool) -> list[dict]:
+    """Rows of input_ids/labels/position_ids/seq_lens; with packing, several examples per row.
+
+    Packing is best-fit decreasing: examples sorted by length go into the fullest row
+    that still has room, so rows are nearly full and no tokens are cut.
+    """
+    items = []
+    for e in encoded:
+        ids = e.prompt_ids + e.answer_ids
+        labels = [IGNORE_INDEX] * len(e.prompt_ids) + e.answer_ids
+        items.append((ids, labels))
+    if not packing:
+        return [{"input_ids": ids, "labels": lab, "position_ids": list(range(len(ids))), "seq_lens": [len(ids)]}
+                for ids, lab in items]
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = len(items[i][0])
+        best, best_space = -1, max_length + 1
+        for b, s in enumerate(space):  # few bins are open at once for short data; fine at this scale
+            if n <= s < best_space:
+                best, best_space = b, s
+        if best < 0:
+            bins.append([i])
+            space.append(max_length - n)
+        else:
+            bins[best].append(i)
+            space[best] -= n
+    rows = []
+    for b in bins:
+        row = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+        for i in sorted(b):
+            ids, lab = items[i]
+            row["input_ids"] += ids
+            row["labels"] += lab
+            row["position_ids"] += list(range(len(ids)))
+            row["seq_lens"].append(len(ids))
+        rows.append(row)
+    return rows
+
+
+def block_causal_mask(seq_lens_batch: list[list[int]], length: int) -> torch.Tensor:
+    """(B, 1, L, L) bool mask: causal within each packed example, nothing across examples or into padding.
+
+    position_ids alone do not isolate packed examples under sdpa; this mask does.
+    """
+    B = len(seq_lens_batch)
+    seg = torch.full((B, length), -1, dtype=torch.long)
+    for b, lens in enumerate(seq_lens_batch):
+        start = 0
+        for j, n in enumerate(lens):
+            seg[b, start:start + n] = j
+            start += n
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    mask = same & causal
+    # Padding rows attend to themselves only, so softmax never sees an all-masked row.
+    mask |= torch.eye(length, dtype=torch.bool)[None]
+    return mask[:, None]
+
+
+def collate_sft(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    length = max(len(r["input_ids"]) for r in rows)
+    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    B = len(rows)
+    input_ids = torch.full((B, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[b, :n] = torch.tensor(r["input_ids"])
+        labels[b, :n] = torch.tensor(r["labels"])
+        position_ids[b, :n] = torch.tensor(r["position_ids"])
+    packed = any(len(r["seq_lens"]) > 1 for r in rows)
+    if packed:
+        attention_mask = block_causal_mask([r["seq_lens"] for r in rows], length)
+    else:
+        attention_mask = torch.zeros((B, length), dtype=torch.long)
+        for b, r in enumerate(rows):
+            attention_mask[b, :len(r["input_ids"])] = 1
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask,
+            "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
