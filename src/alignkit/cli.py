@@ -9,6 +9,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from alignkit.config import ConfigError, load_config, parse_overrides
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             summary = run_stage(args.command, args.config, rest, resume=args.resume, print_only=args.print_config)
-            if summary is not None:
+            if summary is not None and os.environ.get("RANK", "0") == "0":
                 import json
 
                 print(json.dumps(summary, indent=2, default=str))

@@ -106,6 +106,9 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self):
+        # YAML reads a bare `no` as false, which OmegaConf hands a str field as "False".
+        if self.mixed_precision in ("False", "false", "fp32", "none"):
+            self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision: must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:

@@ -33,7 +33,13 @@ def seed_everything(seed: int) -> None:
 def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
     """An Accelerator with the run's trackers; JSONL metrics are always written by MetricsLogger."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
+
+    # Several stages may run in one process (the pipeline, a notebook): start each with a fresh
+    # AcceleratorState so its mixed precision applies; the process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
     trackers = [t for t in log.trackers if t != "jsonl"]
     if "wandb" in trackers and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
@@ -42,11 +48,22 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_DIR", output_dir)
     acc = Accelerator(
+        # Without an accelerator, say cpu=True: otherwise `accelerate launch --multi_gpu` on a CPU
+        # machine starts N independent single-process runs instead of one gloo group.
+        cpu=not _has_accelerator(),
         mixed_precision=train.mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")),
     )
     return acc
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return True
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def init_trackers(accelerator, log: LogConfig, config) -> None:

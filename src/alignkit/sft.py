@@ -103,6 +103,7 @@ def evaluate(model, loader, accelerator) -> float:
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         batch.pop("num_tokens")
         labels = batch.pop("labels")
         logits = model(**batch).logits
@@ -129,14 +130,14 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     bs, accum = cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps
     train_loader = make_loader(train_rows, bs, collate, cfg.train.seed)
-    eval_loader = make_loader(eval_rows, bs, collate, cfg.train.seed, shuffle=False) if eval_rows else None
+    # Each process evaluates its own slice: exact sums, no padding duplicates from a sharded loader.
+    eval_shard = eval_rows[accelerator.process_index::accelerator.num_processes]
+    eval_loader = make_loader(eval_shard, bs, collate, cfg.train.seed, shuffle=False) if eval_rows else None
     micro_per_epoch = math.ceil(len(train_rows) / (bs * accelerator.num_processes))
     steps_per_epoch = max(1, micro_per_epoch // accum)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_epochs * steps_per_epoch)
     optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
 
     step = 0
     if cfg.train.resume:
