@@ -83,7 +83,8 @@ class Label:
     def to_dict(self) -> dict:
         d = {"kind": self.kind}
         for k, v in asdict(self).items():
-            if k != "kind" and v is not None and v is not False:
+            # `good: false` is a binary label's content, not a default to leave out
+            if k != "kind" and v is not None and (v is not False or k == "good"):
                 d[k] = v
         return d
 
