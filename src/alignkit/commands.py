@@ -6,6 +6,9 @@ import json
 
 
 def register(sub) -> None:
+    from alignkit.feedback import cli as data_cli
+
+    data_cli.register(sub)  # alignkit data inspect|validate|convert|aggregate|split
     p = sub.add_parser("builtin", help="build the built-in model or write built-in task data")
     bsub = p.add_subparsers(dest="builtin_command", required=True)
     m = bsub.add_parser("model", help="build a built-in model folder (save_pretrained format)")
@@ -19,6 +22,14 @@ def register(sub) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True)
     d.set_defaults(func=_builtin_data)
+    e = sub.add_parser("rm-eval", help="score a saved reward model on preference data (accuracy, margin, gold)")
+    e.add_argument("--model", required=True, help="a saved reward model folder (output_dir/final or final_adapter)")
+    e.add_argument("--data", required=True, nargs="+", help="preference files or builtin:<kind>[:<split>[:<n>]]")
+    e.add_argument("--out", help="folder for rm_eval.json and reward_distributions.png")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-length", type=int, default=1024, help="longer prompt + answer are truncated")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(func=_rm_eval)
 
 
 def _builtin_model(args) -> int:
@@ -40,3 +51,9 @@ def _builtin_data(args) -> int:
     builtin.write_builtin(args.kind, args.n, args.out, split=args.split, seed=args.seed)
     print(json.dumps({"written": args.out, "rows": args.n, "kind": args.kind}))
     return 0
+
+
+def _rm_eval(args) -> int:
+    from alignkit.rm import run_rm_eval
+
+    return run_rm_eval(args)
