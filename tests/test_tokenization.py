@@ -121,3 +121,25 @@ def test_default_chat_template_when_tokenizer_has_none(tiny_model_dir, tmp_path)
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     loaded = load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
     assert loaded.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_fp32_attention_switch_keeps_logits(tiny_model_dir):
+    """engine.use_fp32_attention_on_cpu only changes attention precision under bf16 on CPU."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.engine import use_fp32_attention_on_cpu
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    switched = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    cpu = torch.device("cpu")
+    assert not use_fp32_attention_on_cpu(switched, SimpleNamespace(device=cpu, mixed_precision="no"))
+    assert use_fp32_attention_on_cpu(switched, SimpleNamespace(device=cpu, mixed_precision="bf16"))
+    ids = torch.tensor([[0, 0, 5, 7, 34, 8, 74], [5, 7, 34, 8, 74, 12, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])  # left padding in row 0
+    with torch.no_grad():
+        a = plain(input_ids=ids, attention_mask=mask).logits
+        b = switched(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[0, 2:], b[0, 2:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-4)

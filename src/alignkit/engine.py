@@ -82,6 +82,36 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def use_fp32_attention_on_cpu(model, accelerator) -> bool:
+    """Under bf16 autocast on CPU, compute attention in float32 (the linear layers stay bf16).
+
+    torch's CPU flash-attention kernel is ~4x slower in bf16 than in fp32 (forward + backward
+    with a packing mask, head_dim 16), while attention is a small share of the FLOPs: on
+    builtin:tiny an SFT step drops from ~55 ms to ~30 ms. Same maths, rounded less. Only
+    ``sdpa`` models are switched; nothing is stored in the saved config. Returns whether it switched.
+    """
+    if accelerator.device.type != "cpu" or accelerator.mixed_precision != "bf16":
+        return False
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+        # autocast would cast sdpa's inputs back to bf16, so it is switched off around the call.
+        with torch.autocast(query.device.type, enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                  **kwargs)
+        return out.to(query.dtype), weights
+
+    AttentionInterface.register("sdpa_fp32", sdpa_fp32)
+    # Same masks as sdpa; without this transformers would silently build none for 2D padding masks.
+    AttentionMaskInterface.register("sdpa_fp32", sdpa_mask)
+    model.set_attn_implementation("sdpa_fp32")
+    return True
+
+
 def make_optimizer(model, train: TrainConfig, num_training_steps: int, params=None):
     """AdamW (no weight decay on biases and norms) with warmup and a transformers schedule."""
     from transformers import get_scheduler

@@ -123,6 +123,7 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     model = load_model(cfg.model, task="causal-lm")
     model.config.use_cache = False  # no KV cache while training
+    engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)
 
     def collate(rows):
