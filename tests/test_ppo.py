@@ -1,0 +1,360 @@
+"""Tests for the PPO stage: rollout pieces, masking, reward sources, bad input, resume.
+
+Run: pytest -q tests/test_ppo.py          (the gold-reward gain test is in tests/test_ppo_gain.py)
+"""
+
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+from alignkit.config import ConfigError, load_config
+from alignkit.engine import TrainingError
+from alignkit.modeling import ModelLoadError
+from alignkit.ppo import (
+    PPOConfig,
+    ValueModel,
+    left_pad,
+    ppo_minibatch_loss,
+    sequence_inputs,
+    train_ppo,
+    truncate_after_eos,
+)
+from alignkit.rewards import ModelReward, RewardSourceConfig, build_reward
+from alignkit.schema import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cfg(tmp_path, *overrides, data=None):
+    """A few-second PPO run on the random built-in tiny model with the gold reward."""
+    base = {
+        "model": {"name_or_path": "builtin:tiny"},
+        "data": {"train_files": ["builtin:prompts:train:32"], "eval_files": [], "max_length": 32},
+        "train": {"max_steps": 2, "per_device_batch_size": 8, "learning_rate": 1e-3, "log_every": 1,
+                  "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+        "log": {"progress": False},
+        "ppo": {"rollout_batch_size": 8, "num_minibatches": 2, "ppo_epochs": 2, "response_length": 8,
+                "eval_samples": 0},
+        "output_dir": str(tmp_path / "ppo"),
+    }
+    for k, v in (data or {}).items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return load_config(PPOConfig, data=base, overrides=list(overrides))
+
+
+def make_reward_model(path, num_labels, head=None, seed=0):
+    """A tiny sequence-classification reward model built from the built-in model folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.builtin import ensure_model
+
+    src = ensure_model("builtin:tiny")
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels)
+    tok = AutoTokenizer.from_pretrained(src)
+    model.config.pad_token_id = tok.pad_token_id
+    if head is not None:
+        model.config.alignkit_reward = head
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- rollout pieces
+
+
+def test_truncate_after_eos_masks_everything_after_the_first_eos():
+    eos, pad = 2, 0
+    response = torch.tensor([[5, 6, 2, 7, 2],  # ends at position 2; 7 and the second EOS are cut
+                             [5, 6, 7, 8, 9],  # never ends: all kept, ended=False
+                             [2, 5, 5, 5, 5]])  # EOS first: a one-token response
+    out, mask, ended = truncate_after_eos(response, eos, pad)
+    assert out.tolist() == [[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_sequence_inputs_positions_skip_left_padding():
+    q, qm = left_pad([[7, 8], [9]], pad_id=0)  # [[7, 8], [0, 9]]
+    r = torch.tensor([[3, 2], [4, 0]])
+    rm = torch.tensor([[True, True], [True, False]])
+    ids, att, pos = sequence_inputs(q, qm, r, rm)
+    assert ids.tolist() == [[7, 8, 3, 2], [0, 9, 4, 0]]
+    assert att.tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]]
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 0, 1, 1]]
+
+
+def _tiny_policy_and_value():
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignkit.builtin import ensure_model
+
+    src = ensure_model("builtin:tiny")
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(src)
+    value = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
+    return policy, ValueModel(value)
+
+
+def test_masked_tokens_change_nothing_in_the_ppo_loss():
+    """Left padding and post-EOS tokens (ids and rollout statistics) leave loss and gradients unchanged."""
+    from alignkit.ppo import PPOSettings
+
+    policy, value = _tiny_policy_and_value()
+    ppo = PPOSettings(temperature=0.7)
+    q, qm = left_pad([[4, 10, 11, 12, 6], [4, 13, 6]], pad_id=0)
+    resp = torch.tensor([[20, 21, 2, 0, 0], [22, 23, 24, 25, 2]])
+    resp, rmask, _ = truncate_after_eos(resp, eos_id=2, pad_id=0)
+    ids, att, pos = sequence_inputs(q, qm, resp, rmask)
+    g = torch.Generator().manual_seed(1)
+    stats = {k: torch.randn(2, 5, generator=g) for k in ("logprobs", "values", "advantages", "returns")}
+    stats["logprobs"] = -stats["logprobs"].abs()
+
+    def loss_and_grads(input_ids, rollout):
+        policy.zero_grad()
+        value.zero_grad()
+        mb = dict(input_ids=input_ids, attention_mask=att, position_ids=pos, response_mask=rmask, **rollout)
+        loss, _ = ppo_minibatch_loss(policy, value, mb, q.shape[1], ppo)
+        loss.backward()
+        grads = [p.grad.clone() for p in list(policy.parameters()) + list(value.parameters()) if p.grad is not None]
+        return loss.detach(), grads
+
+    loss_a, grads_a = loss_and_grads(ids, stats)
+    # Scramble every masked position: left-pad ids, post-EOS ids and all rollout numbers there.
+    ids_b = ids.clone()
+    hidden = torch.cat([~qm.bool(), ~rmask], dim=1)
+    ids_b[hidden] = torch.randint(7, 40, (int(hidden.sum()),), generator=g)
+    garbage = {k: torch.where(rmask, v, torch.full_like(v, 1e4)) for k, v in stats.items()}
+    loss_b, grads_b = loss_and_grads(ids_b, garbage)
+    assert torch.isfinite(loss_a)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    assert len(grads_a) == len(grads_b) > 0
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- reward sources
+
+
+def test_alignkit_reward_model_applies_offset_scale_and_weights(tmp_path):
+    head = {"aspects": ["helpfulness", "harmlessness"], "weights": [1.0, 0.5], "offset": [0.2, -0.1],
+            "scale": [2.0, 0.5]}
+    path = make_reward_model(tmp_path / "rm", 2, head)
+    rm = ModelReward(RewardSourceConfig(name_or_path=path))
+    prompts, responses = ["review the pizza", "describe the movie"], ["the pizza was great .", "the plot was bad ."]
+    raw = rm.raw_scores(prompts, responses)
+    assert raw.shape == (2, 2)
+    # reward = 1.0 * (raw_h - 0.2) / 2.0 + 0.5 * (raw_s + 0.1) / 0.5
+    expected = (raw[:, 0] - 0.2) / 2.0 + 0.5 * (raw[:, 1] + 0.1) / 0.5
+    torch.testing.assert_close(rm(prompts, responses), expected)
+    # Same as HF's own pooling at the last token (the built-in pad token differs from EOS).
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids = rm.encode(prompts[0], responses[0])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], raw[0], atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_sources_and_python_function(tmp_path, monkeypatch):
+    (tmp_path / "myreward.py").write_text("def length(prompts, responses):\n"
+                                          "    return [float(len(r.split())) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = build_reward([RewardSourceConfig(name_or_path="builtin:gold", weight=2.0),
+                           RewardSourceConfig(name_or_path="myreward:length", weight=-0.5)])
+    # gold("the pizza was great .") = +1 (great) + 0.5 (on topic) = 1.5; 5 words -> 2 * 1.5 - 0.5 * 5 = 0.5
+    out = reward(["review the pizza"], ["the pizza was great ."])
+    torch.testing.assert_close(out, torch.tensor([0.5]))
+
+
+def test_reward_model_outputs_must_match_configured_aspects(tmp_path):
+    path = make_reward_model(tmp_path / "rm3", 3)
+    with pytest.raises(ModelLoadError, match=r"3 output\(s\).*aspects is \['helpfulness', 'harmlessness'\]"):
+        build_reward([RewardSourceConfig(name_or_path=path, aspects=["helpfulness", "harmlessness"])])
+    with pytest.raises(ModelLoadError, match="3 outputs but reward.sources.aspects is empty"):
+        build_reward([RewardSourceConfig(name_or_path=path)])
+    head = {"aspects": ["helpfulness"], "weights": [1.0], "offset": [0.0], "scale": [1.0]}
+    bad = make_reward_model(tmp_path / "rm_bad_head", 2, head)
+    with pytest.raises(ModelLoadError, match="2 outputs but alignkit_reward lists 1 aspects"):
+        build_reward([RewardSourceConfig(name_or_path=bad)])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_prompt_rows_with_answers_but_no_prompt(tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(json.dumps({"prompt": "review the pizza"}) + "\n"
+                 + json.dumps({"answers": ["the pizza was great ."]}) + "\n"
+                 + json.dumps({"completion": "the movie was bad ."}) + "\n")
+    cfg = tiny_cfg(tmp_path, data={"data": {"train_files": [str(f)]}})
+    with pytest.raises(DataError) as e:
+        train_ppo(cfg)
+    assert f"{f}:2: prompt: missing" in str(e.value) and f"{f}:3: prompt: missing" in str(e.value)
+    assert not os.path.exists(os.path.join(cfg.output_dir, "final"))
+
+
+def test_rollout_batch_not_divisible_into_minibatches(tmp_path):
+    with pytest.raises(ConfigError, match="rollout_batch_size=10 is not divisible into ppo.num_minibatches=4"):
+        tiny_cfg(tmp_path, "ppo.rollout_batch_size=10", "ppo.num_minibatches=4")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=3 does not divide a minibatch of 4"):
+        tiny_cfg(tmp_path, "train.gradient_accumulation_steps=3")
+
+
+def test_reference_with_another_vocabulary_is_refused(tmp_path):
+    from alignkit.builtin import build_model
+
+    model, tok = build_model("tiny", vocab_size=300)  # same tokenizer file, different embedding table
+    model.save_pretrained(tmp_path / "ref")
+    cfg = tiny_cfg(tmp_path, f"ppo.reference={tmp_path / 'ref'}")
+    with pytest.raises(ModelLoadError, match="vocabulary of 300 tokens, the policy has"):
+        train_ppo(cfg)
+
+
+def test_non_finite_reward_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "nanreward.py").write_text(textwrap.dedent("""
+        CALLS = [0]
+        def score(prompts, responses):
+            CALLS[0] += 1
+            return [float("nan") if CALLS[0] >= 3 else 0.0 for _ in responses]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_cfg(tmp_path, "train.max_steps=5", "train.save_every=1",
+                   data={"reward": {"sources": [{"name_or_path": "nanreward:score"}]}})
+    with pytest.raises(TrainingError, match=r"non-finite reward at step 2.*checkpoint-2"):
+        train_ppo(cfg)
+    assert os.path.isdir(os.path.join(cfg.output_dir, "checkpoint-2"))
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_short_run_writes_outputs_and_resume_matches_uninterrupted(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    full = tiny_cfg(tmp_path / "a", "train.max_steps=3", "train.save_every=1")
+    summary = train_ppo(full)
+    out = full.output_dir
+    for name in ("final/model.safetensors", "final_value/model.safetensors", "metrics.jsonl", "curves.png",
+                 "summary.json", "config.yaml"):
+        assert os.path.exists(os.path.join(out, name)), name
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    for key in ("objective/score", "objective/kl", "objective/non_score_reward", "policy/entropy",
+                "policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance",
+                "rollout/response_length", "rollout/eos_share", "objective/gold_reward"):
+        assert key in rows[-1], key
+    assert summary["updates"] == 3
+    value = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "final_value"))
+    assert value.config.num_labels == 1
+
+    # Interrupted after update 1 (its checkpoint), resumed to 3: the same policy as the run above.
+    part = tiny_cfg(tmp_path / "b", "train.max_steps=3", "train.save_every=1")
+    os.makedirs(part.output_dir)
+    import shutil
+
+    shutil.copytree(os.path.join(out, "checkpoint-1"), os.path.join(part.output_dir, "checkpoint-1"))
+    part.train.resume = True
+    train_ppo(part)
+    a = load_file(os.path.join(out, "final/model.safetensors"))
+    b = load_file(os.path.join(part.output_dir, "final/model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_run_uses_the_adapter_off_policy_as_reference(tmp_path):
+    cfg = tiny_cfg(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=1")
+    summary = train_ppo(cfg)
+    assert summary["memory_mode"] == "lora"
+    assert os.path.exists(os.path.join(cfg.output_dir, "final", "adapter_config.json"))
+    assert os.path.exists(os.path.join(cfg.output_dir, "final_value", "adapter_config.json"))
+
+
+def test_value_model_starts_from_the_reward_model(tmp_path):
+    head = {"aspects": ["helpfulness", "harmlessness"], "weights": [1.0, 0.5], "offset": [0.0, 0.0],
+            "scale": [2.0, 1.0]}
+    path = make_reward_model(tmp_path / "rm", 2, head, seed=3)
+    cfg = tiny_cfg(tmp_path, "train.max_steps=1", "train.learning_rate=0.0",
+                   data={"reward": {"sources": [{"name_or_path": path}]}})
+    summary = train_ppo(cfg)
+    assert summary["value_init"] == f"reward model {path}"
+    from safetensors.torch import load_file
+
+    rm = load_file(os.path.join(path, "model.safetensors"))["score.weight"]
+    v = load_file(os.path.join(cfg.output_dir, "final_value", "model.safetensors"))["score.weight"]
+    # value head = 1.0 / 2.0 * W_helpfulness + 0.5 / 1.0 * W_harmlessness (lr 0: unchanged by training)
+    torch.testing.assert_close(v, 0.5 * rm[0:1] + 0.5 * rm[1:2])
+
+
+def test_shipped_ppo_configs_load():
+    folder = os.path.join(ROOT, "configs", "ppo")
+    files = [f for f in os.listdir(folder) if f.endswith(".yaml")]
+    assert files
+    for f in files:
+        load_config(PPOConfig, os.path.join(folder, f))
+
+
+def test_shared_base_trains_policy_and_value_adapters_on_one_base(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "ppo.shared_base=true",
+                   "train.max_steps=2")
+    summary = train_ppo(cfg)
+    assert summary["memory_mode"] == "shared_base"
+    policy = load_file(os.path.join(cfg.output_dir, "final", "adapter_model.safetensors"))
+    value = load_file(os.path.join(cfg.output_dir, "final_value", "adapter_model.safetensors"))
+    head = load_file(os.path.join(cfg.output_dir, "final_value", "value_head.safetensors"))
+    # LoRA B matrices start at zero: non-zero means the adapter was trained; the value's by the value loss.
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in policy.items())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in value.items())
+    assert head["weight"].abs().sum() > 0
+    assert not os.path.exists(os.path.join(cfg.output_dir, "final", "value"))  # final/ is the policy only
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_lora_on_a_4bit_base(tmp_path, shared):
+    cfg = tiny_cfg(tmp_path, "model.load_in_4bit=true", "model.lora.enabled=true", "model.lora.r=4",
+                   f"ppo.shared_base={str(shared).lower()}", "train.max_steps=1")
+    summary = train_ppo(cfg)
+    assert summary["memory_mode"] == ("shared_base-4bit" if shared else "lora-4bit")
+    assert torch.isfinite(torch.tensor(summary["last"]["loss/value"]))
+
+
+def test_ppo_ptx_mixes_in_the_sft_loss(tmp_path):
+    cfg = tiny_cfg(tmp_path, "ppo.ptx_coef=0.5", "ppo.ptx_files=[builtin:sft:train:16]", "train.max_steps=1")
+    summary = train_ppo(cfg)
+    assert summary["last"]["loss/ptx"] > 0
+    with pytest.raises(ConfigError, match="ppo.ptx_files"):
+        tiny_cfg(tmp_path, "ppo.ptx_coef=0.5")
+
+
+def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path):
+    """An RM whose token ids differ from the policy's: scored on its own tokens; value falls back to the policy."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from alignkit.builtin import CHAT_TEMPLATE, ROLE_TOKENS, SPECIAL, vocabulary
+
+    words = vocabulary()
+    words = words[:4] + words[4:][::-1]  # same words, other ids
+    wl = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=SPECIAL["unk"]))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, pad_token=SPECIAL["pad"], bos_token=SPECIAL["bos"],
+                                  eos_token=SPECIAL["eos"], unk_token=SPECIAL["unk"],
+                                  additional_special_tokens=ROLE_TOKENS)
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    reward = ModelReward(RewardSourceConfig(name_or_path=str(tmp_path / "rm")))
+    ids = reward.encode("review the pizza", "the pizza was great .")
+    assert ids[-1] == tok.eos_token_id and ids[-6:-1] == tok("the pizza was great .")["input_ids"]
+    cfg = tiny_cfg(tmp_path, "train.max_steps=1",
+                   data={"reward": {"sources": [{"name_or_path": str(tmp_path / "rm")}]}})
+    assert train_ppo(cfg)["value_init"] == "policy"
