@@ -127,6 +127,34 @@ def make_optimizer(model, train: TrainConfig, num_training_steps: int, params=No
     return opt, sched
 
 
+def plan_steps(num_items: int, accelerator, train: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for ``num_items`` rows shared by all processes."""
+    micro_per_epoch = math.ceil(num_items / (train.per_device_batch_size * accelerator.num_processes))
+    steps_per_epoch = max(1, micro_per_epoch // train.gradient_accumulation_steps)
+    total = train.max_steps if train.max_steps > 0 else math.ceil(train.num_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def start_run(accelerator, cfg, models: dict, optimizers: dict, schedulers: dict) -> tuple[int, dict, "MetricsLogger"]:
+    """Resume from the last checkpoint when ``cfg.train.resume``; save the config; open trackers and
+    metrics.jsonl. Returns (step, checkpoint state, logger)."""
+    from alignkit.config import save_config
+
+    step, state = 0, {}
+    if cfg.train.resume:
+        ckpt = latest_checkpoint(cfg.output_dir)
+        if ckpt is None:
+            accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+        else:
+            state = load_checkpoint(accelerator, ckpt, models, optimizers, schedulers)
+            step = state["step"]
+            accelerator.print(f"resumed from {ckpt} at step {step}")
+    if accelerator.is_main_process:
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    init_trackers(accelerator, cfg.log, cfg)
+    return step, state, MetricsLogger(accelerator, cfg.output_dir, resume=step > 0)
+
+
 class MetricsLogger:
     """Appends one JSON object per log call to ``output_dir/metrics.jsonl`` and forwards to trackers."""
 

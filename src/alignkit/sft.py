@@ -11,7 +11,6 @@ and the number of processes do not change what is optimised.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit import engine
-from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, save_config
+from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig
 from alignkit.modeling import count_parameters, load_model, load_tokenizer, save_model
 from alignkit.schema import DataError, demonstrations, load_examples
 from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
@@ -134,25 +133,10 @@ def train_sft(cfg: SFTConfig) -> dict:
     # Each process evaluates its own slice: exact sums, no padding duplicates from a sharded loader.
     eval_shard = eval_rows[accelerator.process_index::accelerator.num_processes]
     eval_loader = make_loader(eval_shard, bs, collate, cfg.train.seed, shuffle=False) if eval_rows else None
-    micro_per_epoch = math.ceil(len(train_rows) / (bs * accelerator.num_processes))
-    steps_per_epoch = max(1, micro_per_epoch // accum)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = engine.plan_steps(len(train_rows), accelerator, cfg.train)
     optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-
-    step = 0
-    if cfg.train.resume:
-        ckpt = engine.latest_checkpoint(cfg.output_dir)
-        if ckpt is None:
-            accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
-        else:
-            step = engine.load_checkpoint(accelerator, ckpt, {"model": model}, {"model": optimizer},
-                                          {"model": scheduler})["step"]
-            accelerator.print(f"resumed from {ckpt} at step {step}")
-    if accelerator.is_main_process:
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    engine.init_trackers(accelerator, cfg.log, cfg)
-    logger = engine.MetricsLogger(accelerator, cfg.output_dir, resume=step > 0)
+    step, _, logger = engine.start_run(accelerator, cfg, {"model": model}, {"model": optimizer}, {"model": scheduler})
 
     eval_before = evaluate(model, eval_loader, accelerator) if eval_loader is not None and step == 0 else None
     if eval_before is not None:
