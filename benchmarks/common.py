@@ -129,3 +129,102 @@ class ThroughputMeter:
 
 def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- PPO (bench_ppo.py)
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class PPOUpdateClock:
+    """Wall time of each PPO update, split into phases, measured the same way for any trainer.
+
+    Three kinds of marks, none taken from the trainer's own logs:
+
+    * the end of every optimizer step (a global torch optimizer step post-hook);
+    * the start and end of every ``generate`` call (``GenerationMixin.generate`` wrapped);
+    * every forward of the Llama backbone (``LlamaModel.forward`` wrapped) run with gradients on,
+      i.e. the training forwards of the PPO epochs (all rollout passes run under no_grad).
+
+    An update ends at its last optimizer step (``steps_per_update`` = PPO epochs x minibatches),
+    so update k spans (end of update k-1, end of update k]. Inside it: ``generate`` = time in
+    generate calls, ``ppo_epochs`` = from its first gradient forward to its end, and
+    ``rollout_other`` = the rest (policy/reference log-probs, values, reward, GAE, bookkeeping).
+    Update 1 has no start mark and is never timed. ``cpu_seconds`` is the process CPU time of the
+    update: on a shared machine it moves much less than wall time when other jobs take the cores.
+    """
+
+    def __init__(self, steps_per_update: int):
+        self.steps_per_update = steps_per_update
+        self.steps: list[float] = []
+        self.step_cpu: list[float] = []  # process CPU time at the same marks
+        self.generations: list[tuple[float, float]] = []
+        self.grad_forwards: list[tuple[float, float]] = []  # (wall, process CPU time)
+        self.train_shapes: list[tuple[int, ...]] = []  # input_ids shape of every training forward
+        self._handles = []
+
+    def install(self) -> None:
+        import functools
+
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from transformers.generation.utils import GenerationMixin
+        from transformers.models.llama.modeling_llama import LlamaModel
+
+        def mark(opt, args, kwargs):
+            self.steps.append(time.perf_counter())
+            self.step_cpu.append(time.process_time())
+
+        self._handles.append(register_optimizer_step_post_hook(mark))
+        generate, forward = GenerationMixin.generate, LlamaModel.forward
+
+        @functools.wraps(generate)
+        def timed_generate(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return generate(*a, **kw)
+            finally:
+                self.generations.append((t0, time.perf_counter()))
+
+        @functools.wraps(forward)
+        def marked_forward(*a, **kw):
+            if torch.is_grad_enabled():
+                self.grad_forwards.append((time.perf_counter(), time.process_time()))
+                ids = kw.get("input_ids", a[1] if len(a) > 1 else None)
+                if ids is not None:
+                    self.train_shapes.append(tuple(ids.shape))
+            return forward(*a, **kw)
+
+        GenerationMixin.generate = timed_generate
+        LlamaModel.forward = marked_forward
+
+    def updates(self, warmup: int = 1) -> list[dict]:
+        """Per timed update: seconds in total and per phase (updates 1..warmup are left out; at least update 1)."""
+        S = self.steps_per_update
+        ends = [self.steps[k * S - 1] for k in range(1, len(self.steps) // S + 1)]
+        cpu = [self.step_cpu[k * S - 1] for k in range(1, len(self.steps) // S + 1)]
+        rows = []
+        for k in range(max(warmup, 1), len(ends)):  # ends[k] closes update k+1
+            start, end = ends[k - 1], ends[k]
+            gen = sum(b - a for a, b in self.generations if start < a < end)
+            train_start, train_cpu = min(((t, c) for t, c in self.grad_forwards if start < t < end),
+                                         default=(start, cpu[k - 1]))
+            # CPU seconds of the whole process: with one thread, the wall time minus what other load took.
+            rows.append({"update": k + 1, "seconds": end - start, "cpu_seconds": cpu[k] - cpu[k - 1], "generate": gen,
+                         "rollout_other": train_start - start - gen, "ppo_epochs": end - train_start,
+                         "ppo_epochs_cpu": cpu[k] - train_cpu, "rollout_cpu": train_cpu - cpu[k - 1]})
+        return rows
+
+
+def median_of(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)

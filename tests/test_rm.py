@@ -252,6 +252,96 @@ def test_pad_equal_to_eos_still_agrees_with_hf_pooling(tiny_model_dir, tok):
             torch.testing.assert_close(batched[i], model.score(hidden[0, -2]), atol=1e-5, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- packing (training forward)
+
+
+def test_pack_layout_prompt_once_tree_mask_positions_and_read_index():
+    # Element 0: two answers sharing the prompt [5, 6]; element 1: one answer. Room for both in one row.
+    els = [element(2, [(0, 1, 0.0, 0, False, "none")]), element(1, [])]
+    els[0].sequences = [[5, 6, 7, 2], [5, 6, 8, 2]]
+    els[1].sequences = [[5, 9, 2]]
+    b = rm.pack_elements(els, pad_token_id=0, num_aspects=1, row_length=16, min_row_length=16)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 2, 8, 2, 5, 9, 2]]  # the prompt [5, 6] once
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 0, 1, 2]]  # answer 2 continues from the prompt
+    assert b["read_index"].tolist() == [3, 5, 8]  # each answer's EOS, in collate_elements' flat order
+    m = b["attention_mask"][0, 0]
+    assert m.shape == (9, 9)
+    assert torch.nonzero(m[5]).flatten().tolist() == [0, 1, 4, 5]  # answer 2: prompt + itself, not answer 1
+    assert torch.nonzero(m[3]).flatten().tolist() == [0, 1, 2, 3]
+    assert torch.nonzero(m[7]).flatten().tolist() == [6, 7]  # element 1 sees nothing of element 0
+    # Comparisons index the same flat answers as the padded batch.
+    padded = rm.collate_elements(els, pad_token_id=0, num_aspects=1)
+    for key in ("winners", "losers", "group", "num_groups"):
+        assert torch.equal(b[key], padded[key])
+    # Identical answers (e.g. after truncation) keep their last token apart; pad = eos reads before it.
+    els[0].sequences = [[5, 6, 2], [5, 6, 2]]
+    b = rm.pack_elements(els[:1], pad_token_id=2, num_aspects=1, row_length=16, min_row_length=0)
+    assert b["input_ids"].tolist() == [[5, 6, 2, 2]] and b["read_index"].tolist() == [1, 1]
+    # Rows hold at most row_length tokens: two units of 6 and 3 tokens with row_length 6 -> two rows.
+    els[0].sequences = [[5, 6, 7, 2], [5, 6, 8, 2]]
+    b = rm.pack_elements(els, pad_token_id=0, num_aspects=1, row_length=6)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 2, 8, 2], [5, 9, 2, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kind,pad_is_eos,lora", [("rankings", False, False), ("pairs", True, False),
+                                                  ("pairs", False, True)])
+def test_packed_rewards_and_gradients_equal_padded_and_hf(tiny_model_dir, tok, kind, pad_is_eos, lora):
+    from alignkit.config import LoraSettings, ModelConfig
+    from alignkit.modeling import load_model
+
+    pad = tok.eos_token_id if pad_is_eos else tok.pad_token_id
+    lora_cfg = LoraSettings(enabled=True, r=4, alpha=8) if lora else LoraSettings()
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name_or_path=tiny_model_dir, lora=lora_cfg), task="reward", num_labels=2,
+                       pad_token_id=pad)
+    model.config.pad_token_id = pad
+    with torch.no_grad():  # a score head and LoRA weights away from their init
+        for n, p in model.named_parameters():
+            if p.requires_grad and ("score" in n or "lora" in n):
+                p.add_(torch.randn_like(p) * 0.1)
+    assert rm.packable(model)
+    els, _ = rm.build_elements(load_examples(f"builtin:{kind}:train:12"), settings(), tok, 64, "error")
+    fwd = rm.RewardForward(model)
+    padded = rm.collate_elements(els, pad, 2)
+    hf = rm.score_sequences(model, [s for el in els for s in el.sequences if s], pad)  # the saved model's pooling
+    results = []
+    for batch in [padded] + [rm.pack_elements(els, pad, 2, n, share) for n, share in ((64, True), (40, False))]:
+        model.zero_grad()
+        rewards = fwd(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("read_index"))
+        rm.rm_loss_terms(rewards, batch).group_loss_sum.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((rewards.detach(), grads))
+    assert results[1][0].shape == (sum(len([s for s in el.sequences if s]) for el in els), 2)
+    for rewards, grads in results:
+        torch.testing.assert_close(rewards, hf, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads, results[0][1], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_adamw_makes_the_same_update():
+    from alignkit import engine
+    from alignkit.config import TrainConfig
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(4, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    train = TrainConfig(learning_rate=0.1, warmup_ratio=0.0)
+    opt, _ = engine.make_optimizer(nets[0], train, 10)
+    assert opt.param_groups[0]["fused"] is True
+    ref = torch.optim.AdamW([{"params": [nets[1].weight], "weight_decay": train.weight_decay},
+                             {"params": [nets[1].bias], "weight_decay": 0.0}], lr=0.1,
+                            betas=(train.adam_beta1, train.adam_beta2))
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for net, o in zip(nets, (opt, ref)):
+            net(x).square().sum().backward()
+            o.step()
+            o.zero_grad()
+    torch.testing.assert_close(nets[0].weight, nets[1].weight)
+    torch.testing.assert_close(nets[0].bias, nets[1].bias)
+    assert not engine.fused_adamw_supported([("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.int32),
+                                                                      requires_grad=False))])
+
+
 # ----------------------------------------------------------------------------- a short real run
 
 
