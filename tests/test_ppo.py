@@ -232,6 +232,17 @@ def test_non_finite_reward_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch
 # ----------------------------------------------------------------------------- runs
 
 
+def test_adaptive_kl_coef_stops_at_its_floor(tmp_path):
+    # kl_target 1000: the KL is far below it, so the controller's error is clipped to -0.2 and each update
+    # multiplies beta by 1 - 0.2 * 8 / 256 = 0.99375: 0.05 -> 0.0496875 -> 0.04937695 (under the floor 0.0495).
+    summary = train_ppo(tiny_cfg(tmp_path, "ppo.kl_target=1000", "ppo.kl_coef_min=0.0495"))
+    assert summary["kl_coef"] == pytest.approx(0.0495)
+    rows = [json.loads(line) for line in open(os.path.join(str(tmp_path / "ppo"), "metrics.jsonl"))]
+    assert [r["train/kl_coef"] for r in rows if "train/kl_coef" in r] == pytest.approx([0.0496875, 0.0495])
+    with pytest.raises(ConfigError, match="ppo.kl_coef_min: must be between 0 and ppo.kl_coef=0.05"):
+        tiny_cfg(tmp_path, "ppo.kl_coef_min=0.1")
+
+
 def test_short_run_writes_outputs_and_resume_matches_uninterrupted(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification

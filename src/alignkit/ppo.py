@@ -93,6 +93,10 @@ class PPOSettings:
     kl_target: float = 6.0
     # Controller horizon in responses: beta moves at most 20% * batch / horizon per update.
     kl_horizon: int = 256
+    # Adaptive KL only: beta never falls below this (null: no floor). Without a floor, beta keeps
+    # shrinking while the KL sits under its target (early on, or once the reward model saturates),
+    # so a long run loses its brake; with one, kl_target acts as a ceiling the controller enforces.
+    kl_coef_min: Optional[float] = None
     # PPO clip range of the probability ratio.
     clip_range: float = 0.2
     # Clip range of the value update around the rollout values.
@@ -134,6 +138,9 @@ class PPOSettings:
             raise ConfigError("ppo.response_length: must be >= 1")
         if self.adaptive_kl and self.kl_target <= 0:
             raise ConfigError("ppo.kl_target: must be > 0 with ppo.adaptive_kl")
+        if self.kl_coef_min is not None and not 0 <= self.kl_coef_min <= self.kl_coef:
+            raise ConfigError(f"ppo.kl_coef_min: must be between 0 and ppo.kl_coef={self.kl_coef}, "
+                              f"got {self.kl_coef_min}")
         if self.ptx_coef > 0 and not self.ptx_files:
             raise ConfigError("ppo.ptx_files: PPO-ptx (ppo.ptx_coef > 0) needs demonstration files")
 
@@ -496,6 +503,10 @@ def rollout(policy, reference, reward, prompts: list[Prompt], tokenizer, ppo: PP
                         ppo.temperature) for i in range(0, len(prompts), chunk)]
     b_response, b_response_mask, b_ended = truncate_after_eos(torch.cat(responses), tokenizer.eos_token_id,
                                                               tokenizer.pad_token_id)
+    # Drop the columns after the longest response: they are masked in every row, so they change
+    # nothing, but every later pass (log-probs, values, PPO epochs) would pay for them.
+    width = int(b_response_mask.any(0).nonzero().max()) + 1  # column 0 is always kept
+    b_response, b_response_mask = b_response[:, :width], b_response_mask[:, :width]
     b_input_ids, b_attention_mask, b_position_ids = sequence_inputs(b_query, b_query_mask, b_response,
                                                                     b_response_mask)
     texts = decode_responses(tokenizer, b_response, b_response_mask, b_ended)
@@ -730,6 +741,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                                         "mean")
             m = dict(zip(names, values.tolist()))
         kl_ctl.update(m["objective/kl"], ppo.rollout_batch_size * world)
+        if ppo.adaptive_kl and ppo.kl_coef_min is not None:
+            kl_ctl.kl_coef = max(kl_ctl.kl_coef, ppo.kl_coef_min)
         update += 1
         update_seconds.append(time.time() - t0)
         bar.update(1)
