@@ -41,6 +41,8 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
 
+    if train.num_threads > 0:
+        torch.set_num_threads(train.num_threads)
     trackers = [t for t in log.trackers if t != "jsonl"]
     if "wandb" in trackers and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"  # no key, no network: log locally, `wandb sync` later
