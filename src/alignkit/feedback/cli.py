@@ -99,7 +99,10 @@ def load(paths, fmt: str = "auto", skip_bad: bool = False):
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Problems name files and fields: never wrap them mid-line when the output is not a terminal.
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=10_000, soft_wrap=True)
 
 
 def _fmt(v):
