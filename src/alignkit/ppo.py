@@ -41,7 +41,7 @@ from typing import List, Optional
 import torch
 
 from alignkit import engine
-from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig, save_config
+from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig
 from alignkit.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -617,20 +617,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
     kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
               else FixedKLController(ppo.kl_coef))
 
-    update = 0
-    if cfg.train.resume:
-        ckpt = engine.latest_checkpoint(cfg.output_dir)
-        if ckpt is None:
-            accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
-        else:
-            state = engine.load_checkpoint(accelerator, ckpt, {"policy": policy, "value": value_model},
-                                           {"model": optimizer}, {"model": scheduler})
-            update, kl_ctl.kl_coef = state["step"], state["kl_coef"]
-            accelerator.print(f"resumed from {ckpt} at update {update}")
-    if accelerator.is_main_process:
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    engine.init_trackers(accelerator, cfg.log, cfg)
-    logger = engine.MetricsLogger(accelerator, cfg.output_dir, resume=update > 0)
+    update, state, logger = engine.start_run(accelerator, cfg, {"policy": policy, "value": value_model},
+                                             {"model": optimizer}, {"model": scheduler})
+    if state:
+        kl_ctl.kl_coef = state["kl_coef"]
 
     chunk = cfg.train.per_device_batch_size
     ref_model = reference  # None with LoRA: adapter_disabled(policy)

@@ -42,7 +42,7 @@ from typing import List, NamedTuple
 import torch
 
 from alignkit import engine
-from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig, save_config
+from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig
 from alignkit.losses import MARGIN_TABLES, centering_loss, pairwise_ranking_loss, plackett_luce_loss, ranking_to_pairs
 from alignkit.modeling import count_parameters, export_merged, is_peft, load_model, load_tokenizer
 from alignkit.schema import DataError, Example, Label, load_examples
@@ -840,25 +840,10 @@ def train_rm(cfg: RMConfig) -> dict:
     bs, accum = cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps
     train_loader = torch.utils.data.DataLoader(train_elements, batch_size=bs, collate_fn=collate,
                                                sampler=EpochSampler(len(train_elements), cfg.train.seed))
-    micro_per_epoch = math.ceil(len(train_elements) / (bs * accelerator.num_processes))
-    steps_per_epoch = max(1, micro_per_epoch // accum)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.num_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = engine.plan_steps(len(train_elements), accelerator, cfg.train)
     optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
     forward, optimizer, train_loader = accelerator.prepare(RewardForward(model), optimizer, train_loader)
-
-    step = 0
-    if cfg.train.resume:
-        ckpt = engine.latest_checkpoint(cfg.output_dir)
-        if ckpt is None:
-            accelerator.print(f"--resume: no checkpoint in {cfg.output_dir}, starting from scratch")
-        else:
-            step = engine.load_checkpoint(accelerator, ckpt, {"model": model}, {"model": optimizer},
-                                          {"model": scheduler})["step"]
-            accelerator.print(f"resumed from {ckpt} at step {step}")
-    if accelerator.is_main_process:
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    engine.init_trackers(accelerator, cfg.log, cfg)
-    logger = engine.MetricsLogger(accelerator, cfg.output_dir, resume=step > 0)
+    step, _, logger = engine.start_run(accelerator, cfg, {"model": model}, {"model": optimizer}, {"model": scheduler})
     # Until the normalisation is measured after training, evaluate the raw scores with the configured weights.
     info = {"aspects": aspects, "weights": cfg.rm.weights, "offset": [0.0] * A, "scale": [1.0] * A}
 
