@@ -165,6 +165,15 @@ def start_run(accelerator, cfg, models: dict, optimizers: dict, schedulers: dict
     return step, state, MetricsLogger(accelerator, cfg.output_dir, resume=step > 0)
 
 
+def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the (already accumulated) gradients, step optimizer and schedule, clear; return the grad norm."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
 class MetricsLogger:
     """Appends one JSON object per log call to ``output_dir/metrics.jsonl`` and forwards to trackers."""
 

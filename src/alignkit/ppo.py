@@ -707,10 +707,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     for name, v in stats.items():
                         stats_sum[name] = stats_sum.get(name, 0.0) + v.float()
                     n_stats += 1
-                accelerator.clip_grad_norm_([p for _, p in unique], cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                engine.optimizer_step(accelerator, [p for _, p in unique], optimizer, scheduler, cfg.train.max_grad_norm)
 
         # Statistics of this update, averaged over processes.
         with torch.no_grad():

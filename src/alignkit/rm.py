@@ -892,10 +892,7 @@ def train_rm(cfg: RMConfig) -> dict:
             answers_seen += mb["read_index"].numel() if packed else mb["input_ids"].shape[0]
         train_loss = accelerator.reduce(loss_total, "sum") / global_groups
         engine.check_finite(train_loss, "training loss", step, cfg.output_dir)
-        grad_norm = accelerator.clip_grad_norm_(forward.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.optimizer_step(accelerator, forward.parameters(), optimizer, scheduler, cfg.train.max_grad_norm)
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total_steps:

@@ -174,10 +174,7 @@ def train_sft(cfg: SFTConfig) -> dict:
             tokens_seen += int(num_tokens[i])
         train_loss = accelerator.reduce(loss_total, "sum") / global_tokens
         engine.check_finite(train_loss, "training loss", step, cfg.output_dir)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.optimizer_step(accelerator, model.parameters(), optimizer, scheduler, cfg.train.max_grad_norm)
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total_steps:

@@ -23,7 +23,7 @@ import json
 import os
 from itertools import combinations
 
-from alignkit.schema import Example, write_jsonl
+from alignkit.schema import Example, demonstrations, write_jsonl
 
 EXPORT_FORMATS = ("alignkit", "trl-preference", "trl-unpaired", "trl-prompt-completion", "label-studio")
 
@@ -72,14 +72,7 @@ def to_trl_unpaired(examples: list[Example], aspect: str | None = None) -> list[
 
 
 def to_trl_prompt_completion(examples: list[Example]) -> list[dict]:
-    rows = []
-    for ex in examples:
-        seen = set()
-        for lab in ex.labels:
-            if lab.kind == "demonstration" and lab.answer not in seen:
-                seen.add(lab.answer)
-                rows.append({"prompt": ex.prompt, "completion": _completion(ex, ex.answers[lab.answer])})
-    return rows
+    return [{"prompt": ex.prompt, "completion": _completion(ex, answer)} for ex, answer in demonstrations(examples)]
 
 
 def prompt_text(prompt) -> str:
