@@ -26,8 +26,11 @@ gradient checkpointing (its config default ``gradient_checkpointing=True`` is no
 loop), so both run without it. TRL LoRA: ``peft_config=LoraConfig(all-linear, r=16, alpha=32)``,
 reference = adapter off, value model a full trainable copy (PPOTrainer has no value adapter).
 alignkit modes: ``full`` (frozen reference copy), ``lora`` (reference = adapter off; value = reward-model
-copy + LoRA), ``shared`` (``ppo.shared_base=true``: policy, reference and value share one frozen
-base; the reward model is its own network). alignkit's precision is ``--alignkit-precision``.
+copy + LoRA), ``shared`` (``ppo.shared_base=true``: policy, reference, value and reward share one frozen
+base; the reward model is handed over as a LoRA adapter of the policy folder, ``reward_adapter/``: the
+reward folder's backbone is the policy's own weights and the adapter's B = 0, so its scores are exactly
+the full reward model's; the value adapter starts as a copy of it). alignkit's precision is
+``--alignkit-precision``.
 
 Timing (benchmarks/common.py ``PPOUpdateClock``): an update spans from the last optimizer step of the
 previous update to its own last one; update 1 (and ``--warmup`` more) is left out; the table shows
@@ -148,8 +151,23 @@ def prepare(args) -> dict:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(policy_dir).save_pretrained(reward_dir)
+    adapter_dir = os.path.join(root, "reward_adapter")
+    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+        # The same reward model as a LoRA adapter of the policy folder, for alignkit's shared-base mode (its
+        # reward model is an adapter on the policy's base): the reward folder's backbone IS the policy's
+        # weights, and a fresh LoRA adds exactly 0 (B = 0), so it gives the very same scores.
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        rm = AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1)
+        peft_rm = get_peft_model(rm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                task_type=TaskType.SEQ_CLS, modules_to_save=["score"]))
+        peft_rm.peft_config["default"].base_model_name_or_path = policy_dir
+        peft_rm.save_pretrained(adapter_dir, safe_serialization=True)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(policy_dir).save_pretrained(adapter_dir)
     n_params = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(reward_dir).parameters())
-    return {"policy": policy_dir, "reward": reward_dir, "parameters": n_params}
+    return {"policy": policy_dir, "reward": reward_dir, "reward_adapter": adapter_dir, "parameters": n_params}
 
 
 def _save_built(size, overrides, tmp) -> str:
@@ -340,7 +358,8 @@ def main(argv=None) -> None:
         for mode in modes:
             python = args.trl_python if mode.startswith("trl") else sys.executable
             out = os.path.join(workdir, f"{mode}-{rep}")
-            r = run_child([python, __file__, "--worker", mode, "--policy", prep["policy"], "--reward", prep["reward"],
+            reward = prep["reward_adapter" if mode == "alignkit-shared" else "reward"]
+            r = run_child([python, __file__, "--worker", mode, "--policy", prep["policy"], "--reward", reward,
                            "--out", out] + common, out + ".log", env=env)
             r["median_update"] = {k: median_of(r["updates"], k) for k in r["updates"][0]}
             results[mode].append(r)

@@ -369,3 +369,107 @@ def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.max_steps=1",
                    data={"reward": {"sources": [{"name_or_path": str(tmp_path / "rm")}]}})
     assert train_ppo(cfg)["value_init"] == "policy"
+
+
+# ----------------------------------------------------------------------------- reward model on the shared base
+
+
+def make_reward_adapter(path, head_info, seed=0):
+    """A LoRA reward adapter of builtin:tiny (random non-zero B and head), saved like `alignkit rm` saves one."""
+    from alignkit.builtin import ensure_model
+    from alignkit.config import ModelConfig
+    from alignkit.modeling import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path="builtin:tiny")
+    cfg.lora.enabled, cfg.lora.r = True, 4
+    torch.manual_seed(seed)
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, task="reward", num_labels=len(head_info["aspects"]), pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    with open(os.path.join(path, "alignkit_reward.json"), "w") as f:
+        json.dump(head_info, f)
+    assert os.path.realpath(ensure_model("builtin:tiny")) in os.path.realpath(
+        json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"])
+    return str(path)
+
+
+HEAD2 = {"aspects": ["helpfulness", "harmlessness"], "weights": [1.0, 0.5], "offset": [0.3, -0.2], "scale": [2.0, 0.5]}
+
+
+def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tmp_path):
+    from alignkit.config import ModelConfig
+    from alignkit.modeling import export_merged, load_model, resolve_path
+    from alignkit.rewards import SharedBase
+
+    path = make_reward_adapter(tmp_path / "rm_adapter", HEAD2)
+    merged = export_merged(path, str(tmp_path / "rm_merged"), ModelConfig(name_or_path="builtin:tiny"), num_labels=2)
+    with open(os.path.join(merged, "config.json")) as f:
+        config = json.load(f)
+    config["alignkit_reward"] = HEAD2
+    with open(os.path.join(merged, "config.json"), "w") as f:
+        json.dump(config, f)
+    prompts = ["review the pizza", "describe the movie", "review the hotel"]
+    responses = ["the pizza was great .", "the plot was bad .", "good"]
+    ended = [True, True, False]
+
+    reference = build_reward([RewardSourceConfig(name_or_path=merged)])(prompts, responses, ended)
+    standalone = build_reward([RewardSourceConfig(name_or_path=path)])(prompts, responses, ended)
+    cfg = ModelConfig(name_or_path="builtin:tiny")
+    cfg.lora.enabled, cfg.lora.r = True, 4
+    policy = load_model(cfg, task="causal-lm")
+    shared = build_reward([RewardSourceConfig(name_or_path=path)],
+                          shared_base=SharedBase(policy, resolve_path("builtin:tiny")))
+    assert shared.models[0].shared and sorted(policy.peft_config) == ["default", "reward"]
+    torch.testing.assert_close(standalone, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared(prompts, responses, ended), reference, atol=1e-5, rtol=1e-5)
+    # Scoring switched adapters back: the policy's own adapter is active and trainable, the reward frozen.
+    assert policy.active_adapter == "default"
+    flags = {n: p.requires_grad for n, p in policy.named_parameters() if "lora_" in n}
+    assert all(v for n, v in flags.items() if ".default." in n)
+    assert not any(v for n, v in flags.items() if ".reward." in n)
+    # A base other than the adapter's own is not shared (the adapter is loaded with its own base).
+    other = build_reward([RewardSourceConfig(name_or_path=path)],
+                         shared_base=SharedBase(policy, resolve_path("builtin:small")))
+    assert not other.models[0].shared
+
+
+def test_shared_base_ppo_reads_the_reward_adapter_without_loading_a_second_model(tmp_path, monkeypatch):
+    import transformers
+    from safetensors.torch import load_file
+
+    path = make_reward_adapter(tmp_path / "rm_adapter", HEAD2, seed=1)
+
+    def no_second_model(*a, **k):
+        raise AssertionError("shared-base PPO loaded a separate sequence-classification model")
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", no_second_model)
+    cfg = tiny_cfg(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "ppo.shared_base=true",
+                   "train.max_steps=1", "train.learning_rate=0.0",
+                   data={"reward": {"sources": [{"name_or_path": path}]}})
+    summary = train_ppo(cfg)
+    assert summary["value_init"].startswith("copy of reward adapter")
+    rm = load_file(os.path.join(path, "adapter_model.safetensors"))
+    value = load_file(os.path.join(cfg.output_dir, "final_value", "adapter_model.safetensors"))
+    head = load_file(os.path.join(cfg.output_dir, "final_value", "value_head.safetensors"))
+    # lr 0: the value adapter is still the reward adapter's copy, and its head sum_k w_k / scale_k * W_k.
+    lora_keys = [k for k in rm if "lora_" in k]
+    assert lora_keys and sorted(lora_keys) == sorted(value)
+    for k in lora_keys:
+        torch.testing.assert_close(value[k], rm[k])
+    w = rm["base_model.model.score.weight"]
+    torch.testing.assert_close(head["weight"], 0.5 * w[0:1] + 1.0 * w[1:2])
+    policy = load_file(os.path.join(cfg.output_dir, "final", "adapter_model.safetensors"))
+    assert not any(".reward." in k or ".value." in k for k in policy)  # final/ is the policy's adapter only
+
+
+def test_shared_base_value_from_a_separate_reward_model_is_refused(tmp_path):
+    path = make_reward_model(tmp_path / "rm", 1)
+    cfg = tiny_cfg(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "ppo.shared_base=true",
+                   "ppo.value_init=reward", data={"reward": {"sources": [{"name_or_path": path}]}})
+    with pytest.raises(ConfigError, match="ppo.value_init=reward with ppo.shared_base"):
+        train_ppo(cfg)

@@ -4,6 +4,7 @@ the same ``from_pretrained`` path; LoRA via peft; 8-/4-bit via bitsandbytes."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -193,3 +194,131 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+# ----------------------------------------------------------------------------- one frozen base, several adapters
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json"))
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """The resolved base model folder (or Hub id) a LoRA adapter folder was trained on."""
+    from peft import PeftConfig
+
+    return resolve_path(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path)
+
+
+def same_model_path(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+@contextmanager
+def use_adapter(peft_model, name: str):
+    """Run with adapter ``name`` active, leaving every parameter's ``requires_grad`` as it was.
+
+    peft's ``set_adapter`` makes the active adapter trainable and freezes the others (and
+    ``disable_adapter`` freezes them all); with several adapters on one base (a trainable
+    policy and value, a frozen reward) that is wrong both ways, so the flags are put back
+    right after each switch. :func:`adapters_off` is the same for "no adapter".
+    """
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    previous = peft_model.active_adapter
+
+    def switch(adapter):
+        peft_model.set_adapter(adapter)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    switch(name)
+    try:
+        yield
+    finally:
+        switch(previous)
+
+
+@contextmanager
+def adapters_off(peft_model):
+    """The base model alone (e.g. the PPO reference), every ``requires_grad`` flag kept as it was."""
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    try:
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class AdapterHead(torch.nn.Module):
+    """A linear head on the hidden states of one named LoRA adapter of a shared peft model: (B, L, out).
+
+    The base weights exist once; each AdapterHead is a view of that network with its own
+    adapter switched on (the adapter tensors live in the peft model, only ``head`` is this
+    module's own). alignkit's low-memory PPO puts the value and reward models on the policy's base.
+    """
+
+    def __init__(self, peft_model, adapter: str, head: torch.nn.Linear):
+        super().__init__()
+        self.adapter, self.head = adapter, head
+        self._peft = [peft_model]  # a list, so torch does not register the shared model as a submodule
+
+    @property
+    def peft_model(self):
+        return self._peft[0]
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        peft_model = self.peft_model
+        hf = peft_model.get_base_model()
+        with use_adapter(peft_model, self.adapter):
+            hidden = getattr(hf, hf.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                                       position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype))
+
+
+def read_adapter_head(adapter_dir: str) -> tuple[dict, dict]:
+    """(LoRA tensors, score-head tensors) of a sequence-classification adapter folder saved by peft."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors (alignkit loads adapters from "
+                             "safetensors only)")
+    state = load_file(path)
+    head = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.rsplit(".", 2)[-2] == "score"}
+    lora = {k: v for k, v in state.items() if k.rsplit(".", 2)[-2] != "score"}
+    if "weight" not in head:
+        raise ModelLoadError(f"{adapter_dir}: the adapter has no 'score' head (save a reward model's LoRA with "
+                             "modules_to_save=['score'])")
+    return lora, head
+
+
+def attach_adapter_head(peft_model, adapter_dir: str, name: str, trainable: bool = False) -> AdapterHead:
+    """Load a sequence-classification LoRA adapter (its LoRA tensors and score head) from ``adapter_dir``
+    onto ``peft_model``'s base as adapter ``name``; frozen unless ``trainable``."""
+    from peft import LoraConfig, TaskType
+    from peft.utils import set_peft_model_state_dict
+
+    lora_state, head_state = read_adapter_head(adapter_dir)
+    config = LoraConfig.from_pretrained(adapter_dir)
+    config.task_type, config.modules_to_save, config.inference_mode = TaskType.CAUSAL_LM, None, False
+    peft_model.add_adapter(name, config)
+    result = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if result.unexpected_keys or missing:
+        peft_model.delete_adapter(name)
+        raise ModelLoadError(f"{adapter_dir}: its LoRA weights do not fit the policy's base "
+                             f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})")
+    for n, p in peft_model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(trainable)
+    weight = head_state["weight"]
+    device = peft_model.get_input_embeddings().weight.device
+    # fp32 head whatever the base's precision: hidden states are cast to it (a few KB of weights).
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_state, device=device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if "bias" in head_state:
+            head.bias.copy_(head_state["bias"])
+    head.requires_grad_(trainable)
+    return AdapterHead(peft_model, name, head)

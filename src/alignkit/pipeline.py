@@ -62,7 +62,10 @@ def stage_paths(cfg: PipelineConfig) -> dict[str, str]:
 def wire(cfg: PipelineConfig) -> PipelineConfig:
     """Point each stage at the outputs of the ones before it."""
     paths = stage_paths(cfg)
-    finals = {"@sft": os.path.join(paths["sft"], "final"), "@rm": os.path.join(paths["rm"], "final")}
+    # In shared-base PPO a LoRA reward model joins the policy's base as an adapter: hand PPO the adapter
+    # folder (final/ is the merged copy, a second network in memory).
+    rm_final = "final_adapter" if cfg.rm.model.lora.enabled and cfg.ppo.ppo.shared_base else "final"
+    finals = {"@sft": os.path.join(paths["sft"], "final"), "@rm": os.path.join(paths["rm"], rm_final)}
 
     def sub(p: str) -> str:
         return finals.get(p, p)

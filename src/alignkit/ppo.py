@@ -34,7 +34,7 @@ import math
 import os
 import resource
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -57,16 +57,19 @@ from alignkit.losses import (
     value_loss,
 )
 from alignkit.modeling import (
+    AdapterHead,
     ModelLoadError,
     add_lora,
+    adapters_off,
     count_parameters,
     disable_dropout,
+    is_peft,
     load_model,
     load_tokenizer,
     resolve_path,
     save_model,
 )
-from alignkit.rewards import RewardSourceConfig, build_reward, reward_model_info, score_head
+from alignkit.rewards import ModelReward, RewardSourceConfig, SharedBase, build_reward, reward_model_info, score_head
 from alignkit.schema import DataError, load_examples, prompts as prompt_view
 from alignkit.tokenization import encode_prompt, fit_length
 
@@ -255,13 +258,12 @@ class ValueModel(torch.nn.Module):
         return head(hidden).squeeze(-1).float()
 
 
-def value_head_from_reward(model, info: dict | None, weights_override=None) -> torch.nn.Linear:
-    """One-output head equal to the reward's aspect combination: sum_k w_k / scale_k * W_k.
+def value_head_from_reward(old: torch.nn.Linear, info: dict | None, weights_override=None) -> torch.nn.Linear:
+    """One-output head equal to the reward head ``old``'s aspect combination: sum_k w_k / scale_k * W_k.
 
-    InstructGPT initialises the value function from the reward model. The offset is
-    dropped: HF decoder heads have no bias, and GAE only needs values up to learning.
+    InstructGPT initialises the value function from the reward model. The offset (and a
+    head bias) is dropped: GAE only needs values up to learning.
     """
-    old = score_head(model)[1]
     weight = old.weight.detach().float()
     if info is not None:
         w = torch.tensor(weights_override or info["weights"], dtype=torch.float32)
@@ -290,7 +292,7 @@ def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy
         # A value model reads the policy's tokens, so only a reward model with the same vocabulary fits.
         rm = next((m.cfg for m in reward.models if same_vocab(m.tokenizer, tokenizer)
                    and score_head(m.model) is not None), None)
-        if rm is None and choice == "reward":
+        if rm is None and choice == "reward" and not cfg.ppo.shared_base:
             raise ConfigError("ppo.value_init=reward: no reward-model source shares the policy's tokenizer "
                               "(use ppo.value_init=policy)")
     if rm is not None:
@@ -303,12 +305,19 @@ def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy
         note = "policy" if src == policy_path else src
         info, n_labels, weights = None, 1, None
     if cfg.ppo.shared_base:
-        return _shared_value(cfg, policy), "policy base + value adapter (shared base)"
+        shared_rm = next((m for m in reward.models if m.shared), None) if choice in ("auto", "reward") else None
+        if shared_rm is None and choice == "reward":
+            raise ConfigError("ppo.value_init=reward with ppo.shared_base: the reward model must be a LoRA adapter "
+                              "of the policy's base (train it with model.lora.enabled and use its final_adapter/), "
+                              "or set ppo.value_init=policy")
+        note = (f"copy of reward adapter {shared_rm.name} (shared base)" if shared_rm is not None
+                else "fresh value adapter, zero head (shared base)")
+        return _shared_value(cfg, policy, shared_rm), note
     vcfg = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False))
     model = load_model(vcfg, task="reward", num_labels=n_labels, pad_token_id=tokenizer.pad_token_id,
                        trainable=False, path=src)
     if n_labels != 1 or info is not None:
-        model.score = value_head_from_reward(model, info, weights)
+        model.score = value_head_from_reward(score_head(model)[1], info, weights)
     model.config.num_labels = 1
     if hasattr(model.config, "alignkit_reward"):
         del model.config.alignkit_reward  # the saved value model must not pass for a reward model
@@ -321,62 +330,58 @@ def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy
     return ValueModel(model), note
 
 
-class SharedBaseValue(torch.nn.Module):
-    """Values from the policy's own frozen base through a second LoRA adapter ("value") and a linear head.
+class SharedBaseValue(AdapterHead):
+    """Values (B, L) from the policy's own frozen base through a second LoRA adapter ("value") and a head.
 
     The base weights exist once: the policy (adapter "default"), the reference (adapters
-    off) and the value (adapter "value") are three views of one network. The adapter's
-    tensors are registered in the policy module; only the head is this module's own.
+    off), the value (adapter "value") and, when the reward model is an adapter of the same
+    base, the reward (adapter "reward", frozen) are views of one network.
     """
 
     adapter = "value"
 
     def __init__(self, peft_model, head: torch.nn.Linear):
-        super().__init__()
-        self.head = head
-        self._peft = [peft_model]  # a list, so torch does not register the policy as a submodule
+        super().__init__(peft_model, self.adapter, head)
 
     def forward(self, input_ids, attention_mask, position_ids):
-        peft_model = self._peft[0]
-        hf = peft_model.get_base_model()
-        with use_adapter(peft_model, self.adapter):
-            hidden = getattr(hf, hf.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
-                                                       position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        return super().forward(input_ids, attention_mask, position_ids).squeeze(-1).float()
 
 
-@contextmanager
-def use_adapter(peft_model, name: str):
-    """Run with adapter ``name`` active; every adapter stays trainable (peft would freeze the inactive ones)."""
-    previous = peft_model.active_adapter
-    names = list(peft_model.peft_config)
-    peft_model.set_adapter(name)
-    peft_model.set_requires_grad(names, True)
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(previous)
-        peft_model.set_requires_grad(names, True)
+def _shared_value(cfg, policy, rm: ModelReward | None) -> SharedBaseValue:
+    """Value adapter + head on the policy's own base.
 
-
-def _shared_value(cfg, policy) -> SharedBaseValue:
-    """Value adapter + head on the policy's own base; the head starts at zero (values start at 0).
-
-    A reward model's head reads *its* backbone's features, not the shared base's, so it
-    cannot seed the head here unless the reward model is that same base.
+    From a reward model that is itself an adapter on this base (InstructGPT: value = reward
+    model): a trainable copy of its adapter, and its aspect combination as the head. Otherwise
+    a fresh adapter and a zero head (values start at 0): a separately loaded reward model's
+    head reads *its* backbone's features, not the shared base's.
     """
     from peft import LoraConfig, TaskType
 
-    lora = cfg.model.lora
-    targets = lora.target_modules
-    policy.add_adapter(SharedBaseValue.adapter, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=TaskType.CAUSAL_LM,
-        target_modules=targets[0] if targets == ["all-linear"] else list(targets)))
-    policy.set_requires_grad(list(policy.peft_config), True)
-    hidden = policy.get_base_model().config.get_text_config().hidden_size
-    head = torch.nn.Linear(hidden, 1, bias=True)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
+    if rm is not None:
+        source = rm.model.peft_model.peft_config[rm.model.adapter]
+        policy.add_adapter(SharedBaseValue.adapter, dataclasses.replace(source, inference_mode=False))
+        with torch.no_grad():
+            params = dict(policy.named_parameters())
+            for name, p in params.items():
+                if f".{SharedBaseValue.adapter}." in name:
+                    p.copy_(params[name.replace(f".{SharedBaseValue.adapter}.", f".{rm.model.adapter}.")])
+        info = {"weights": rm.weights.tolist(), "scale": rm.scale.tolist()}
+        head = value_head_from_reward(rm.model.head, info)
+        head = head.to(torch.float32)
+    else:
+        lora = cfg.model.lora
+        targets = lora.target_modules
+        policy.add_adapter(SharedBaseValue.adapter, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=TaskType.CAUSAL_LM,
+            target_modules=targets[0] if targets == ["all-linear"] else list(targets)))
+        hidden = policy.get_base_model().config.get_text_config().hidden_size
+        head = torch.nn.Linear(hidden, 1, bias=True)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    for name, p in policy.named_parameters():
+        if f".{SharedBaseValue.adapter}." in name:
+            p.requires_grad_(True)
+    head.requires_grad_(True)
     return SharedBaseValue(policy, head)
 
 
@@ -474,11 +479,9 @@ def ppo_minibatch_loss(policy, value_model, mb: dict, context_length: int, ppo: 
     return loss, stats
 
 
-@contextmanager
 def adapter_disabled(model):
-    """The LoRA reference: the policy network with its adapter switched off."""
-    with model.disable_adapter():
-        yield
+    """The LoRA reference: the policy network with its adapters switched off (trainability kept)."""
+    return adapters_off(model)
 
 
 def gold_available(cfg: PPOConfig) -> bool:
@@ -575,13 +578,20 @@ def train_ppo(cfg: PPOConfig) -> dict:
     ptx_rows = _ptx_rows(cfg, tokenizer) if ppo.ptx_coef > 0 else []
     with_gold = gold_available(cfg)
 
-    # Reward sources (models are frozen, in eval mode).
-    reward = build_reward(cfg.reward.sources, device=device, batch_size=cfg.reward.batch_size)
-
-    # Policy, reference and value.
+    # Reward sources (models are frozen, in eval mode), then policy, reference and value. In shared-base
+    # mode the policy comes first: a reward model that is a LoRA adapter of the policy's base joins it.
     policy_path = resolve_path(cfg.model.name_or_path)
+    if not ppo.shared_base:
+        reward = build_reward(cfg.reward.sources, device=device, batch_size=cfg.reward.batch_size)
     policy = load_model(cfg.model, task="causal-lm")
     disable_dropout(policy)
+    if ppo.shared_base:
+        reward = build_reward(cfg.reward.sources, device=device, batch_size=cfg.reward.batch_size,
+                              shared_base=SharedBase(policy, policy_path))
+        for m in reward.models:
+            if not m.shared:
+                accelerator.print(f"ppo.shared_base: reward model {m.name} is not a LoRA adapter of the policy's base "
+                                  f"({policy_path}): loaded as its own network")
     if cfg.ppo.reference is not None:
         check_reference_vocab(tokenizer, policy, cfg.ppo.reference, cfg.model)
     if cfg.model.lora.enabled and cfg.ppo.reference is None:
@@ -795,10 +805,12 @@ def save_policy_and_value(policy, value_model, tokenizer, final_dir: str, value_
         save_file({k: v.detach().cpu().contiguous() for k, v in value_model.head.state_dict().items()},
                   os.path.join(value_dir, "value_head.safetensors"))
         tokenizer.save_pretrained(value_dir)
-        policy.delete_adapter(SharedBaseValue.adapter)  # final/ holds the policy's adapter only
     else:
         value_model.model.save_pretrained(value_dir, safe_serialization=True)
         tokenizer.save_pretrained(value_dir)
+    if is_peft(policy):  # final/ holds the policy's adapter only, not the shared value/reward adapters
+        for name in [n for n in policy.peft_config if n != "default"]:
+            policy.delete_adapter(name)
     save_model(policy, tokenizer, final_dir, cfg.model)
 
 

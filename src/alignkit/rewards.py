@@ -29,7 +29,18 @@ from typing import Callable, List, Optional
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.modeling import DTYPES, ModelLoadError, is_peft, resolve_path
+from alignkit.modeling import (
+    DTYPES,
+    AdapterHead,
+    ModelLoadError,
+    adapter_base,
+    attach_adapter_head,
+    is_adapter_dir,
+    is_peft,
+    read_adapter_head,
+    resolve_path,
+    same_model_path,
+)
 
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -122,14 +133,50 @@ def score_head(model):
 
 def last_token_scores(model, input_ids, attention_mask) -> torch.Tensor:
     """Scores (B, num_labels) at the last attended token of right-padded inputs."""
+    last = attention_mask.sum(-1) - 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if isinstance(model, AdapterHead):  # an adapter on a shared base (low-memory PPO)
+        return model(input_ids, attention_mask, position_ids)[torch.arange(len(last)), last]
     parts = score_head(model)
     if parts is None:  # encoder RMs pool their own way (e.g. the first token)
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     backbone, head = parts
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    last = attention_mask.sum(-1) - 1
     return head(hidden[torch.arange(len(last)), last])
+
+
+def read_model_head(path: str, cfg: RewardSourceConfig, where: str) -> tuple[dict | None, int]:
+    """(``alignkit_reward`` block or None, number of outputs) of a reward model folder or LoRA adapter folder.
+
+    An adapter folder saved by alignkit carries ``alignkit_reward.json``; any other peft
+    sequence-classification adapter is read raw, its outputs counted from its score head.
+    """
+    from transformers import AutoConfig
+
+    if is_adapter_dir(path):
+        info_path = os.path.join(path, "alignkit_reward.json")
+        if os.path.exists(info_path):
+            with open(info_path, encoding="utf-8") as f:
+                head = read_reward_head({"alignkit_reward": json.load(f)}, where)
+            return head, len(head["aspects"])
+        _, score = read_adapter_head(path)
+        return None, score["weight"].shape[0]
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"reward model {where}: cannot read its config ({e})") from None
+    return read_reward_head(hf_config.to_dict(), where), hf_config.num_labels
+
+
+class SharedBase:
+    """The policy's peft model and its base folder, offered to reward sources that are adapters of that base."""
+
+    def __init__(self, model, base_path: str):
+        self.model, self.base_path = model, base_path
+
+    def new_name(self, stem: str) -> str:
+        names = set(self.model.peft_config)
+        return next(n for n in (stem if i == 0 else f"{stem}_{i}" for i in range(len(names) + 1)) if n not in names)
 
 
 class ModelReward:
@@ -138,20 +185,17 @@ class ModelReward:
     raw (B, A) -> normalised (raw - offset) / scale -> weighted sum over aspects (B,).
     """
 
-    def __init__(self, cfg: RewardSourceConfig, device="cpu", batch_size: int = 32, model=None, tokenizer=None):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+    def __init__(self, cfg: RewardSourceConfig, device="cpu", batch_size: int = 32, model=None, tokenizer=None,
+                 shared_base=None):
+        from transformers import AutoModelForSequenceClassification
 
         from alignkit.modeling import DEFAULT_CHAT_TEMPLATE
 
         where = cfg.name_or_path
         self.name = where
         path = resolve_path(cfg.name_or_path)
-        try:
-            hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"reward model {where}: cannot read its config ({e})") from None
-        head = read_reward_head(hf_config.to_dict(), where)
-        n_out = hf_config.num_labels
+        adapter = is_adapter_dir(path)
+        head, n_out = read_model_head(path, cfg, where)
         if head is not None:
             if len(head["aspects"]) != n_out:
                 raise ModelLoadError(f"reward model {where}: {n_out} outputs but alignkit_reward lists "
@@ -182,17 +226,35 @@ class ModelReward:
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.tokenizer or cfg.name_or_path),
-                                                      trust_remote_code=cfg.trust_remote_code)
+            tok_path = resolve_path(cfg.tokenizer or cfg.name_or_path)
+            if adapter and not cfg.tokenizer and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+                tok_path = adapter_base(path)  # an adapter saved without its tokenizer: the base's
+            tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             if not tokenizer.chat_template:
                 tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         self.tokenizer = tokenizer
+        # shared_base: a peft model whose base this adapter was trained on; the reward model then is
+        # one more adapter on that base (no second copy of the weights).
+        self.shared = False
+        if model is None and adapter and shared_base is not None and same_model_path(adapter_base(path),
+                                                                                    shared_base.base_path):
+            model = attach_adapter_head(shared_base.model, path, shared_base.new_name("reward"))
+            self.shared = True
         if model is None:
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+                if adapter:
+                    from peft import PeftModel
+
+                    base = AutoModelForSequenceClassification.from_pretrained(
+                        adapter_base(path), num_labels=n_out, dtype=DTYPES[cfg.dtype],
+                        trust_remote_code=cfg.trust_remote_code)
+                    base.config.pad_token_id = tokenizer.pad_token_id
+                    model = PeftModel.from_pretrained(base, path)
+                else:
+                    model = AutoModelForSequenceClassification.from_pretrained(
+                        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
             except (OSError, ValueError) as e:
                 raise ModelLoadError(f"reward model {where}: cannot load it ({e})") from None
             if model.config.pad_token_id is None:
@@ -270,8 +332,13 @@ def is_function_spec(spec: str) -> bool:
     return bool(_FUNCTION_SPEC.match(spec)) and not os.path.exists(spec)
 
 
-def build_reward(sources: list[RewardSourceConfig], device="cpu", batch_size: int = 32) -> WeightedReward:
-    """Load every configured source; every problem is raised before training starts."""
+def build_reward(sources: list[RewardSourceConfig], device="cpu", batch_size: int = 32,
+                 shared_base: SharedBase | None = None) -> WeightedReward:
+    """Load every configured source; every problem is raised before training starts.
+
+    With ``shared_base``, a reward model given as a LoRA adapter folder of that same base is
+    attached to it as a frozen adapter instead of being loaded as a second network.
+    """
     if not sources:
         raise ConfigError("reward.sources: at least one reward source is needed")
     built = []
@@ -281,13 +348,18 @@ def build_reward(sources: list[RewardSourceConfig], device="cpu", batch_size: in
                 raise ConfigError(f"reward.sources.name_or_path: unknown built-in {cfg.name_or_path!r} "
                                   "(builtin:gold is the built-in task's reward function)")
         built.append(load_function(cfg.name_or_path) if is_function_spec(cfg.name_or_path)
-                     else ModelReward(cfg, device=device, batch_size=batch_size))
+                     else ModelReward(cfg, device=device, batch_size=batch_size, shared_base=shared_base))
     return WeightedReward(built, [c.weight for c in sources])
 
 
 def reward_model_info(path: str) -> dict | None:
     """The ``alignkit_reward`` block of a saved reward model folder, or None."""
-    cfg_path = os.path.join(resolve_path(path), "config.json")
+    folder = resolve_path(path)
+    adapter_info = os.path.join(folder, "alignkit_reward.json")
+    if is_adapter_dir(folder) and os.path.exists(adapter_info):
+        with open(adapter_info, encoding="utf-8") as f:
+            return read_reward_head({"alignkit_reward": json.load(f)}, path)
+    cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         return None
     with open(cfg_path, encoding="utf-8") as f:
