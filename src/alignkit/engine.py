@@ -174,6 +174,53 @@ def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: flo
     return float(grad_norm)
 
 
+def broadcast_parameters(params, accelerator) -> None:
+    """Give every process rank 0's values of ``params`` (what DDP does when it wraps a model)."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+
+def average_gradients(params, accelerator) -> None:
+    """Average the gradients of ``params`` over processes in one all-reduce (for modules DDP cannot wrap).
+
+    A parameter without a gradient on this process counts as a zero gradient, so every
+    process sends the same flat buffer.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def replica_difference(params, accelerator) -> float:
+    """Largest absolute difference between this process's ``params`` and rank 0's (0.0 when in sync)."""
+    if accelerator.num_processes == 1:
+        return 0.0
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        mine = torch.cat([p.detach().reshape(-1).float() for p in params])
+        ref = mine.clone()
+        dist.broadcast(ref, src=0)
+        diff = (mine - ref).abs().max() if mine.numel() else torch.zeros(())
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
 class MetricsLogger:
     """Appends one JSON object per log call to ``output_dir/metrics.jsonl`` and forwards to trackers."""
 

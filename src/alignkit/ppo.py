@@ -23,8 +23,9 @@ Names: ``b_`` tensors hold the whole rollout batch of this process, ``mb_`` a mi
 Memory modes: full fine-tuning keeps a frozen copy of the starting policy as the reference;
 with ``model.lora.enabled`` the reference is the same network with the adapter switched off
 (no second copy) and the base may be 8-/4-bit; ``ppo.shared_base`` also puts the value
-model on that one frozen base (its own adapter + head), so one base serves policy,
-reference and value.
+model on that one frozen base (its own adapter + head) and, when the reward model is a
+LoRA adapter of the same base (``alignkit rm`` with LoRA writes ``final_adapter/``), the
+reward model too: one base serves policy, reference, value and reward.
 """
 
 from __future__ import annotations
@@ -542,19 +543,38 @@ def decode_responses(tokenizer, b_response, b_response_mask, b_ended) -> list[st
     return texts
 
 
-def evaluate(policy, reference, reward, prompts, tokenizer, ppo, chunk, device, with_gold, seed) -> dict:
-    """Held-out metrics: mean score, gold reward (and its std), KL per response, length, EOS share."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the same sampling noise before and after training
-    r = rollout(policy, reference, reward, prompts, tokenizer, ppo, chunk, device, with_gold)
-    torch.random.set_rng_state(state)
-    mask = r["response_mask"]
-    kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], torch.zeros_like(r["logprobs"])).sum(-1)
-    out = {"eval/score": r["scores"].mean().item(), "eval/kl": kl.mean().item(),
-           "eval/response_length": mask.sum(-1).float().mean().item(), "eval/eos_share": r["ended"].float().mean().item()}
+def evaluate(policy, reference, reward, prompts, tokenizer, ppo, chunk, device, with_gold, seed,
+             accelerator=None) -> dict:
+    """Held-out metrics: mean score, gold reward (and its std), KL per response, length, EOS share.
+
+    With several processes each answers its share of the prompts and the per-response
+    values of all processes are gathered, so every process returns the metrics of all prompts.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = prompts[rank::world]
+    rows = []
+    if mine:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed + rank)  # the same sampling noise before and after training
+        r = rollout(policy, reference, reward, mine, tokenizer, ppo, chunk, device, with_gold)
+        torch.random.set_rng_state(state)
+        mask = r["response_mask"]
+        kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], torch.zeros_like(r["logprobs"])).sum(-1)
+        columns = [r["scores"].float(), kl.float(), mask.sum(-1).float(), r["ended"].float()]
+        if with_gold:
+            columns.append(r["gold"].float())
+        rows = torch.stack([c.cpu() for c in columns], -1).tolist()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    t = torch.tensor(rows, dtype=torch.float32)
+    out = {"eval/score": t[:, 0].mean().item(), "eval/kl": t[:, 1].mean().item(),
+           "eval/response_length": t[:, 2].mean().item(), "eval/eos_share": t[:, 3].mean().item(),
+           "eval/responses": len(rows)}
     if with_gold:
-        out["eval/gold_reward"] = r["gold"].mean().item()
-        out["eval/gold_reward_std"] = r["gold"].std().item()
+        out["eval/gold_reward"] = t[:, 4].mean().item()
+        out["eval/gold_reward_std"] = t[:, 4].std().item()
     return out
 
 
@@ -566,9 +586,6 @@ def train_ppo(cfg: PPOConfig) -> dict:
     accelerator = engine.make_accelerator(cfg.train, cfg.log, cfg.output_dir)
     engine.seed_everything(cfg.train.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if ppo.shared_base and world > 1:
-        raise ConfigError("ppo.shared_base: runs on one process (adapters are switched inside one module); "
-                          "use plain LoRA with several processes")
 
     # Tokenizer and prompts: bad data stops the run before any model loads.
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
@@ -622,7 +639,15 @@ def train_ppo(cfg: PPOConfig) -> dict:
             seen.add(id(p))
             unique.append((n, p))
     optimizer, scheduler = engine.make_optimizer(None, cfg.train, optimizer_steps, params=unique)
-    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    # Shared base: the value and reward read the policy's module with other adapters switched on, which DDP
+    # cannot follow; with several processes the gradients are averaged by hand instead (engine.average_gradients).
+    hand_sync = ppo.shared_base and world > 1
+    if hand_sync:
+        policy.to(device)
+        value_model.to(device)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
     raw_policy = accelerator.unwrap_model(policy)
     kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
               else FixedKLController(ppo.kl_coef))
@@ -631,6 +656,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                                              {"model": optimizer}, {"model": scheduler})
     if state:
         kl_ctl.kl_coef = state["kl_coef"]
+    if hand_sync:
+        engine.broadcast_parameters([p for _, p in unique], accelerator)
 
     chunk = cfg.train.per_device_batch_size
     ref_model = reference  # None with LoRA: adapter_disabled(policy)
@@ -638,7 +665,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     def run_eval():
         raw_policy.eval()
         return evaluate(raw_policy, ref_model, reward, eval_prompts, tokenizer, ppo, chunk, device, with_gold,
-                        cfg.train.seed + 12345 + rank)
+                        cfg.train.seed + 12345, accelerator)
 
     eval_before = run_eval() if eval_prompts and update == 0 else None
     if eval_before is not None:
@@ -717,6 +744,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     for name, v in stats.items():
                         stats_sum[name] = stats_sum.get(name, 0.0) + v.float()
                     n_stats += 1
+                if hand_sync:
+                    engine.average_gradients([p for _, p in unique], accelerator)
                 engine.optimizer_step(accelerator, [p for _, p in unique], optimizer, scheduler, cfg.train.max_grad_norm)
 
         # Statistics of this update, averaged over processes.
@@ -758,6 +787,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
     bar.close()
     runtime = time.time() - start
 
+    # Processes must end with the same weights (DDP, or hand-averaged gradients in shared-base mode).
+    replica_diff = engine.replica_difference([p for _, p in unique], accelerator)
     eval_after = run_eval() if eval_prompts else None
     if eval_after is not None:
         logger.log(eval_after, step=update)
@@ -773,7 +804,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
         "memory_mode": memory_mode, "peak_rss_mb": round(_peak_rss_mb(), 1), "value_init": value_note,
         "kl_coef": kl_ctl.kl_coef, "last": last_log, "eval_before": eval_before, "eval_after": eval_after,
         "trainable_parameters": {"policy": trainable_policy, "value": trainable_value},
-        "total_parameters": total_policy, "num_processes": world, "prompts": len(train_prompts),
+        "total_parameters": total_policy, "num_processes": world, "replica_max_abs_difference": replica_diff,
+        "prompts": len(train_prompts),
         "final_dir": final_dir, "value_dir": value_dir,
     }
     if accelerator.is_main_process:
