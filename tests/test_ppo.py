@@ -136,6 +136,24 @@ def test_masked_tokens_change_nothing_in_the_ppo_loss():
         torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
 
 
+def test_response_logprobs_equal_the_full_logits_computation():
+    """forward_response runs the LM head on the response positions only; same numbers as slicing full logits."""
+    from alignkit.losses import logprobs_from_logits
+    from alignkit.ppo import _takes_logits_to_keep, forward_response
+
+    policy, _ = _tiny_policy_and_value()
+    assert _takes_logits_to_keep(policy)
+    q, qm = left_pad([[4, 10, 11, 12, 6], [4, 13, 6]], pad_id=0)
+    resp, rmask, _ = truncate_after_eos(torch.tensor([[20, 21, 2, 0], [22, 23, 24, 2]]), eos_id=2, pad_id=0)
+    ids, att, pos = sequence_inputs(q, qm, resp, rmask)
+    with torch.no_grad():
+        logits, logprobs = forward_response(policy, ids, att, pos, q.shape[1], 0.7)
+        full = policy(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, q.shape[1] - 1:-1]
+    assert logits.shape == full.shape == (2, 4, full.shape[-1])
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, logprobs_from_logits(full, ids[:, q.shape[1]:], 0.7), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- reward sources
 
 

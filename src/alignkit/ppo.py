@@ -452,11 +452,26 @@ def sequence_inputs(b_query, b_query_mask, b_response, b_response_mask):
 
 
 def forward_response(model, input_ids, attention_mask, position_ids, context_length: int, temperature: float):
-    """Policy logits (B, R, V) for the response tokens and their log-probs (B, R) at ``temperature``."""
+    """Policy logits (B, R, V) for the response tokens and their log-probs (B, R) at ``temperature``.
+
+    Only the last R + 1 positions go through the LM head (``logits_to_keep``, where the model
+    takes it): the prompt positions' (B, L, V) logits are the largest activation for real vocabularies.
+    """
+    n_response = input_ids.shape[1] - context_length
+    keep = {"logits_to_keep": n_response + 1} if _takes_logits_to_keep(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    logits = logits[:, context_length - 1:-1]  # position t predicts token t + 1
+                   use_cache=False, **keep).logits
+    logits = logits[:, -(n_response + 1):-1]  # position t predicts token t + 1
     return logits, logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    while hasattr(model, "module"):  # DDP and other wrappers
+        model = model.module
+    hf = model.get_base_model() if is_peft(model) else model
+    return "logits_to_keep" in inspect.signature(hf.forward).parameters
 
 
 def ppo_minibatch_loss(policy, value_model, mb: dict, context_length: int, ppo: PPOSettings):
