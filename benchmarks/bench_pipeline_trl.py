@@ -5,7 +5,9 @@
     /work/venv/bin/python benchmarks/bench_pipeline_trl.py --variants capped,uncapped --trl-ppo-lr 1e-3 3e-4
     /work/venv/bin/python benchmarks/bench_pipeline_trl.py --budget-scale 2      # TRL gets 2x alignkit's seconds
     /work/venv/bin/python benchmarks/bench_pipeline_trl.py --long-factor 8       # the long PPO runs: 8x the updates
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --long-factor 0       # ~8 min: no twice-the-budget runs
+    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --long-factor 0       # ~10 min: no twice-the-budget runs
+    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --seeds 0 1 2 --long-factor 0   # the KL-matched table
+    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --kl-match 0          # no KL-matched re-run
     /work/venv/bin/python benchmarks/bench_pipeline_trl.py --report runs/bench_pipeline_trl/results.json  # tables again
 
 alignkit runs ``alignkit pipeline --config configs/pipeline/quickstart.yaml`` (stages sft, rm, ppo).
@@ -27,6 +29,13 @@ the stage (model loading, data preparation, training, saving; not interpreter st
 Twice the budget (``--long-factor 2``, the default): TRL's PPO carries on to twice its updates
 (snapshot at the 1x point; constant learning rate, so that snapshot is the 1x run), and alignkit's
 PPO is re-run from the same SFT and reward model for twice its updates.
+
+KL-matched (``--kl-match 0.9``, the default; 0: skip): alignkit's default run may sit at a larger KL
+than TRL's, where a higher gold reward is easier. So after each seed's evaluation alignkit's PPO is
+re-run from the same SFT and reward model, for the same number of updates (so about the same seconds;
+both are reported), with ``ppo.ppo.kl_target`` = 0.9 x the held-out KL that TRL's run measured on that
+seed. The adaptive controller aims at that target; whatever KL the one run lands at is reported (no
+retries), with who is ahead at no larger KL.
 
 Evaluation: the same code for every final policy: ``alignkit.pipeline.compare_policies`` samples the
 SFT policy and the PPO policy of one pipeline on the held-out prompts (``builtin:prompts:eval``, 256
@@ -72,6 +81,14 @@ def parse_args(argv=None):
     p.add_argument("--long-factor", type=int, default=2,
                    help="also run each PPO for this many times its updates (robustness to over-optimisation);\n"
                         "0: skip")
+    p.add_argument("--kl-match", type=float, default=0.9, metavar="FRACTION",
+                   help="after each seed's evaluation, re-run alignkit's PPO (same SFT and reward model, same\n"
+                        "updates) with ppo.ppo.kl_target = FRACTION x the held-out KL TRL measured on that seed,\n"
+                        "so that alignkit's KL lands at or below TRL's; one run, no retries. 0: skip.\n"
+                        "0.9, not 0.93: in the hand-made seed-0 run the held-out KL overshot its target by 7%%\n"
+                        "(target 2.4 -> 2.56), so 0.93 would be break-even")
+    p.add_argument("--kl-match-trl", default=None, metavar="NAME",
+                   help="the TRL run whose KL is matched (default: the first, e.g. trl_capped)")
     p.add_argument("--trl-ppo-lr", type=float, nargs="+", default=None,
                    help="TRL PPO learning rate(s), one TRL PPO run per rate from the same TRL SFT and reward\n"
                         "model. Default: the quickstart's ppo.train.learning_rate. Measured with the earlier\n"
@@ -86,6 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ppo-updates", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--ppo-set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--jobs", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -136,14 +154,16 @@ def child_alignkit(args) -> None:
         torch.set_num_threads(args.threads)
     overrides = [f"--output_dir={args.out}", "--stages=[sft,rm,ppo]"]
     overrides += [f"--{s}.train.seed={args.seed}" for s in ("sft", "rm", "ppo")]
-    if args.ppo_updates:  # the twice-the-budget run: PPO only, from an SFT and RM linked into args.out
+    if args.ppo_updates:  # a PPO re-run (twice the budget, KL-matched): from an SFT and RM linked into args.out
         overrides[1] = "--stages=[ppo]"
         overrides.append(f"--ppo.train.max_steps={args.ppo_updates}")
+        overrides += [f"--ppo.{kv}" for kv in args.ppo_set]
     out = run_pipeline(load_pipeline_config(args.config, overrides))
     with open(os.path.join(args.out, "pipeline_summary.json")) as f:
         stages = json.load(f)["stages"]
     ppo = stages["ppo"]
-    emit({"seconds": out["seconds"], "total_seconds": out["total_seconds"], "ppo_updates": ppo["updates"],
+    emit({"seconds": out["seconds"], "total_seconds": out["total_seconds"], "cpu_seconds": out.get("cpu_seconds", {}),
+          "ppo_loop_seconds": ppo["runtime_seconds"], "ppo_updates": ppo["updates"],
           "seconds_per_update": ppo["seconds_per_update"], "ppo_eval_before": ppo["eval_before"],
           "ppo_eval_after": ppo["eval_after"], "kl_coef_end": ppo["kl_coef"], "torch_threads": torch.get_num_threads(),
           "sft_train_loss": stages.get("sft", {}).get("train_loss")})
@@ -322,6 +342,72 @@ def run_trl_pipeline(args, settings, ak, d, variant, sampler, seed, env, logs) -
     return runs
 
 
+def rerun_alignkit_ppo(me, base, ak_dir, name, seed, updates, ppo_set, sampler, env, logs) -> tuple[dict, dict]:
+    """alignkit's PPO stage again from the SFT policy and reward model in ``ak_dir`` (linked, not copied).
+
+    ``updates`` PPO updates, ``ppo_set`` extra ``ppo.*`` overrides (e.g. ``ppo.kl_target=2.3``).
+    Returns the child's result and the evaluation job of the new policy.
+    """
+    d = os.path.join(base, name)
+    os.makedirs(d, exist_ok=True)
+    for stage in ("sft", "rm"):
+        os.symlink(os.path.join(ak_dir, stage), os.path.join(d, stage))
+    sampler.phase(f"{name} seed {seed}")
+    res = run_child([*me, "--child", "alignkit", "--out", d, "--seed", str(seed), "--ppo-updates", str(updates),
+                     *[a for kv in ppo_set for a in ("--ppo-set", kv)]], f"{logs}/{name}-seed{seed}.log", env)
+    sampler.phase(None)
+    return res, {"name": name, "sft": f"{ak_dir}/sft/final", "ppo": f"{d}/ppo/final", "rm": f"{ak_dir}/rm/final"}
+
+
+KL_MATCHED = "alignkit_kl_matched"
+
+
+def kl_matched_run(args, me, base, ak_dir, ak, r, trl_names, seed, sampler, env, logs, started) -> None:
+    """alignkit's PPO re-run with kl_target = args.kl_match x TRL's held-out KL of this seed, then evaluated.
+
+    The same updates as alignkit's own PPO (so about its seconds; the measured seconds are reported
+    next to the original ones), one run, whatever KL it lands at.
+    """
+    match = args.kl_match_trl or trl_names[0]
+    if match not in r["eval"]:
+        raise SystemExit(f"--kl-match-trl {match}: no such TRL run (have {trl_names})")
+    trl_kl = r["eval"][match]["ppo"]["kl_to_sft"]
+    target = round(args.kl_match * trl_kl, 4)
+    print(f"[{time.time() - started:6.0f}s] alignkit PPO, kl_target {target:.3f} = {args.kl_match:g} x {match}'s "
+          f"KL {trl_kl:.3f}, {ak['ppo_updates']} updates", flush=True)
+    res, job = rerun_alignkit_ppo(me, base, ak_dir, KL_MATCHED, seed, ak["ppo_updates"],
+                                  [f"ppo.kl_target={target}"], sampler, env, logs)
+    r[KL_MATCHED] = res
+    sampler.phase(f"eval {KL_MATCHED} seed {seed}")
+    r["eval"].update(run_child([*me, "--child", "eval", "--jobs", json.dumps([job])],
+                               f"{logs}/eval-{KL_MATCHED}-seed{seed}.log", env))
+    sampler.phase(None)
+    ev = r["eval"][KL_MATCHED]
+    r["kl_match"] = {"trl": match, "trl_kl": trl_kl, "trl_gain": r["eval"][match]["gold_gain_in_sft_std"],
+                     "fraction": args.kl_match, "kl_target": target, "kl": ev["ppo"]["kl_to_sft"],
+                     "gain": ev["gold_gain_in_sft_std"], "ppo_seconds": res["seconds"]["ppo"],
+                     "ppo_seconds_original": ak["seconds"]["ppo"], "ppo_loop_seconds": res["ppo_loop_seconds"],
+                     "ppo_loop_seconds_original": ak["ppo_loop_seconds"], "ppo_cpu_seconds": res["cpu_seconds"].get("ppo"),
+                     "ppo_cpu_seconds_original": ak["cpu_seconds"].get("ppo")}
+    print(f"         {KL_MATCHED}: KL {ev['ppo']['kl_to_sft']:.2f} (TRL {trl_kl:.2f}), gain "
+          f"{ev['gold_gain_in_sft_std']:+.2f} (TRL {r['kl_match']['trl_gain']:+.2f}) SFT std; PPO "
+          f"stage {res['seconds']['ppo']:.1f} s, update loop {res['ppo_loop_seconds']:.1f} s (original "
+          f"{ak['seconds']['ppo']:.1f} s, {ak['ppo_loop_seconds']:.1f} s)", flush=True)
+
+
+def verdict(gain, kl, trl_gain, trl_kl) -> str:
+    """Who is ahead at no larger KL: a higher gain counts only if its KL is not larger than the other's."""
+    if gain > trl_gain and kl <= trl_kl:
+        return "alignkit"
+    if trl_gain > gain and trl_kl <= kl:
+        return "TRL"
+    if gain > trl_gain:
+        return "open (alignkit higher, at larger KL)"
+    if trl_gain > gain:
+        return "open (TRL higher, at larger KL)"
+    return "tie"
+
+
 def trl_lrs(args, settings) -> list[float]:
     return list(args.trl_ppo_lr) if args.trl_ppo_lr else [settings["ppo_lr"]]
 
@@ -372,18 +458,10 @@ def main(argv=None) -> None:
                  "rm": f"{ak_dir}/rm/final"}]
         long = f"_{args.long_factor}x"
         if args.long_factor > 1:
-            d2 = os.path.join(base, f"alignkit{long}")
-            os.makedirs(d2, exist_ok=True)
-            for stage in ("sft", "rm"):
-                os.symlink(os.path.join(ak_dir, stage), os.path.join(d2, stage))
-            print(f"[{time.time() - started:6.0f}s] alignkit PPO, {args.long_factor}x the updates -> {d2}", flush=True)
-            sampler.phase(f"alignkit{long} seed {seed}")
-            r[f"alignkit{long}"] = run_child([*me, "--child", "alignkit", "--out", d2, "--seed", str(seed),
-                                              "--ppo-updates", str(args.long_factor * ak["ppo_updates"])],
-                                             f"{logs}/alignkit{long}-seed{seed}.log", env)
-            sampler.phase(None)
-            jobs.append({"name": f"alignkit{long}", "sft": f"{ak_dir}/sft/final", "ppo": f"{d2}/ppo/final",
-                         "rm": f"{ak_dir}/rm/final"})
+            print(f"[{time.time() - started:6.0f}s] alignkit PPO, {args.long_factor}x the updates", flush=True)
+            r[f"alignkit{long}"], job = rerun_alignkit_ppo(me, base, ak_dir, f"alignkit{long}", seed,
+                                                           args.long_factor * ak["ppo_updates"], [], sampler, env, logs)
+            jobs.append(job)
         for variant in variants:
             d = os.path.join(base, f"trl_{variant}")
             print(f"[{time.time() - started:6.0f}s] TRL pipeline ({variant}) -> {d}", flush=True)
@@ -403,6 +481,8 @@ def main(argv=None) -> None:
                               env)
         sampler.phase(None)
         results["trl_names"] = [trl_name(v, lr, args, settings) for v in variants for lr in trl_lrs(args, settings)]
+        if args.kl_match > 0:
+            kl_matched_run(args, me, base, ak_dir, ak, r, results["trl_names"], seed, sampler, env, logs, started)
         results["load"] = sampler.report()
         with open(os.path.join(work, "results.json"), "w") as f:  # after every seed: a partial run is kept
             json.dump(results, f, indent=2, default=str)
@@ -439,10 +519,49 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def print_kl_matched(results) -> None:
+    """Per seed and mean: alignkit default, alignkit KL-matched and TRL, gain in SFT std / held-out KL."""
+    def secs(v):
+        loop = f" (loop {v['loop']:.0f} / {v['loop0']:.0f})" if v["loop"] is not None else ""
+        return f"{v['sec']:.0f} / {v['sec0']:.0f}{loop}"
+
+    rows = []
+    cols = {k: [] for k in ("d_gain", "d_kl", "gain", "kl", "trl_gain", "trl_kl", "target", "sec", "sec0", "loop",
+                            "loop0")}
+    for seed, s in results["seeds"].items():
+        m, d = s["kl_match"], s["eval"]["alignkit"]
+        vals = {"d_gain": d["gold_gain_in_sft_std"], "d_kl": d["ppo"]["kl_to_sft"], "gain": m["gain"], "kl": m["kl"],
+                "trl_gain": m["trl_gain"], "trl_kl": m["trl_kl"], "target": m["kl_target"],
+                "sec": m["ppo_seconds"], "sec0": m["ppo_seconds_original"],
+                "loop": m.get("ppo_loop_seconds"), "loop0": m.get("ppo_loop_seconds_original")}
+        for k, v in vals.items():
+            cols[k].append(v)
+        rows.append([str(seed), f"{vals['d_gain']:+.2f} / {vals['d_kl']:.3f}",
+                     f"{vals['gain']:+.2f} / {vals['kl']:.3f} (target {vals['target']:.2f})",
+                     f"{vals['trl_gain']:+.2f} / {vals['trl_kl']:.3f}", secs(vals),
+                     verdict(vals["gain"], vals["kl"], vals["trl_gain"], vals["trl_kl"])])
+    mean = {k: _mean(v) for k, v in cols.items()}
+    if len(rows) > 1:
+        rows.append(["mean", f"{mean['d_gain']:+.2f} / {mean['d_kl']:.3f}",
+                     f"{mean['gain']:+.2f} / {mean['kl']:.3f} (target {mean['target']:.2f})",
+                     f"{mean['trl_gain']:+.2f} / {mean['trl_kl']:.3f}", secs(mean),
+                     verdict(mean["gain"], mean["kl"], mean["trl_gain"], mean["trl_kl"])])
+    first = next(iter(results["seeds"].values()))["kl_match"]
+    print(f"\nKL-matched: alignkit's PPO re-run from its own SFT and reward model, same updates, "
+          f"kl_target = {first['fraction']:g} x {first['trl']}'s held-out KL of that seed "
+          f"(gain in SFT std / KL to SFT):\n")
+    print_table(rows, ["seed", "alignkit default", "alignkit KL-matched", first["trl"],
+                       "PPO s matched / default", "ahead at no larger KL"])
+    print("  (PPO s: the PPO stage's wall seconds, model loading to saving; the re-run starts in a fresh process,\n"
+          "   the default run's PPO follows SFT and RM in a warm one. loop: the update loop alone.)")
+
+
 def print_report(results, args) -> None:
     seeds = list(results["seeds"].values())
     long = f"_{args.long_factor}x" if args.long_factor > 1 else None
     names = ["alignkit"] + ([f"alignkit{long}"] if long else [])
+    if all(KL_MATCHED in s.get("eval", {}) for s in seeds):
+        names.append(KL_MATCHED)
     for t in results["trl_names"]:
         names += [t] + ([f"{t}{long}"] if long else [])
     rows = []
@@ -485,6 +604,8 @@ def print_report(results, args) -> None:
             print(f"  {name:<26}" + "  ".join(
                 f"{s['eval'][name]['ppo']['gold_reward']:+.2f}/{s['eval'][name]['gold_gain_in_sft_std']:+.2f}/"
                 f"{s['eval'][name]['ppo']['kl_to_sft']:.1f}" for s in seeds))
+    if KL_MATCHED in names:
+        print_kl_matched(results)
     print("\nTRL stage details (first seed):")
     s0 = seeds[0]
     for v in results["trl_names"]:

@@ -88,21 +88,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     cfg = wire(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    timings, summaries = {}, {}
+    timings, cpu, summaries = {}, {}, {}
     for stage, fn, stage_cfg in (("sft", train_sft, cfg.sft), ("rm", train_rm, cfg.rm), ("ppo", train_ppo, cfg.ppo)):
         if stage not in cfg.stages:
             continue
         print(f"== alignkit pipeline: {stage} -> {stage_cfg.output_dir}", flush=True)
-        t = time.time()
+        t, c = time.time(), time.process_time()
         summaries[stage] = fn(stage_cfg)
-        timings[stage] = round(time.time() - t, 1)
+        timings[stage], cpu[stage] = round(time.time() - t, 1), round(time.process_time() - c, 1)
     report = None
     if "report" in cfg.stages:
-        t = time.time()
+        t, c = time.time(), time.process_time()
         report = write_report(cfg)
-        timings["report"] = round(time.time() - t, 1)
+        timings["report"], cpu["report"] = round(time.time() - t, 1), round(time.process_time() - c, 1)
+    # Wall seconds per stage, and this process's CPU seconds (all threads; less sensitive to other jobs).
     out = {"stage": "pipeline", "seconds": timings, "total_seconds": round(sum(timings.values()), 1),
-           "output_dir": cfg.output_dir}
+           "cpu_seconds": cpu, "output_dir": cfg.output_dir}
     if report is not None:
         out["report"] = report
     with open(os.path.join(cfg.output_dir, "pipeline_summary.json"), "w") as f:
