@@ -71,6 +71,10 @@ def test_overrides_and_defaults_live_in_the_dataclass(tmp_path):
         load_config(SFTConfig, None, ["train.nope=1"])
     with pytest.raises(ConfigError, match="no value"):
         parse_overrides(["--train.learning_rate"])
+    from alignkit.ppo import PPOConfig
+
+    with pytest.raises(ConfigError, match="a list is set whole"):  # not a raw OmegaConf TypeError
+        load_config(PPOConfig, os.path.join(ROOT, "configs/ppo/tiny.yaml"), ["reward.sources.0.name_or_path=x"])
     # YAML reads a bare `no` as false; the field still means "no mixed precision".
     assert load_config(SFTConfig, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 

@@ -518,3 +518,17 @@ def test_two_processes_with_accelerate_launch(tmp_path, config):
     # 13 held-out prompts shared 7 + 6 by the two processes, the answers of both gathered.
     assert summary["eval_before"]["eval/responses"] == 13 and summary["eval_after"]["eval/responses"] == 13
     assert summary["eval_before"]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its reference
+
+
+def test_value_model_starts_from_a_lora_reward_adapter_outside_shared_base(tmp_path):
+    """Full fine-tuning with a LoRA reward model: it scores as an adapter and seeds the value as a merged copy."""
+    from safetensors.torch import load_file
+
+    path = make_reward_adapter(tmp_path / "rm_adapter", HEAD2, seed=2)
+    cfg = tiny_cfg(tmp_path, "train.max_steps=1", "train.learning_rate=0.0",
+                   data={"reward": {"sources": [{"name_or_path": path}]}})
+    summary = train_ppo(cfg)
+    assert summary["value_init"] == f"reward model {path}"
+    w = load_file(os.path.join(path, "adapter_model.safetensors"))["base_model.model.score.weight"]
+    v = load_file(os.path.join(cfg.output_dir, "final_value", "model.safetensors"))["score.weight"]
+    torch.testing.assert_close(v, 0.5 * w[0:1] + 1.0 * w[1:2])  # sum_k w_k / scale_k * W_k

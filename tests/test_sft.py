@@ -75,6 +75,37 @@ def test_lora_and_quantized_lora_train_and_save_adapters(tmp_path, quant):
     assert merged.config.model_type == "llama"
 
 
+def test_merging_a_lora_on_a_tied_lm_head_keeps_the_input_embeddings(tmp_path, tiny_model_dir):
+    """builtin:tiny ties lm_head to the input embeddings: the merged model must compute what the adapter did."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.config import ModelConfig
+    from alignkit.modeling import export_merged
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert base.get_input_embeddings().weight.data_ptr() == base.get_output_embeddings().weight.data_ptr()
+    embeddings = base.get_input_embeddings().weight.detach().clone()
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "adapter")
+    out = export_merged(str(tmp_path / "adapter"), str(tmp_path / "merged"), ModelConfig(name_or_path=tiny_model_dir))
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(merged.get_input_embeddings().weight, embeddings)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_model_loaded_from_a_saved_folder_and_bad_paths(tmp_path, tiny_model_dir):
     import shutil
 

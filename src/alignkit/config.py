@@ -193,6 +193,9 @@ def load_config(cls: Type[T], path: str | None = None, overrides: list[str] | No
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
             except OmegaConfBaseException as e:
                 raise ConfigError(f"command line: {_omega_msg(e)}") from None
+            except (TypeError, ValueError) as e:  # e.g. "key.0.field=..." into a list of sections
+                raise ConfigError(f"command line: {' '.join(overrides)}: {e} (a list is set whole, e.g. "
+                                  "--reward.sources='[{name_or_path: builtin:gold}]', not item by item)") from None
         return OmegaConf.to_object(merged)
     except ConfigError as e:
         if str(e).startswith("command line"):

@@ -184,10 +184,30 @@ def export_merged(adapter_dir: str, out_dir: str, cfg: ModelConfig, num_labels: 
         base_model.config.pad_token_id = tok.pad_token_id
     else:
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+    merged = merge_lora(PeftModel.from_pretrained(base_model, adapter_dir))
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def merge_lora(peft_model):
+    """``merge_and_unload``, untying the input and output embeddings first when the adapter changes one of them.
+
+    With tied embeddings (many small models) ``lm_head.weight`` *is* the input embedding
+    matrix: merging a LoRA on ``lm_head`` in place would rewrite the input embeddings too and
+    change every logit. The merged model gets its own output matrix and ``tie_word_embeddings: false``.
+    """
+    hf = peft_model.get_base_model()
+    inp, out = hf.get_input_embeddings(), hf.get_output_embeddings()
+    if inp is not None and out is not None and (hasattr(inp, "base_layer") or hasattr(out, "base_layer")):
+        out_layer = getattr(out, "base_layer", out)
+        in_layer = getattr(inp, "base_layer", inp)
+        if out_layer.weight.data_ptr() == in_layer.weight.data_ptr():
+            out_layer.weight = torch.nn.Parameter(out_layer.weight.detach().clone(),
+                                                  requires_grad=out_layer.weight.requires_grad)
+            for config in {id(c): c for c in (hf.config, hf.config.get_text_config())}.values():
+                config.tie_word_embeddings = False
+    return peft_model.merge_and_unload()
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -121,7 +121,9 @@ def load_policy(path: str):
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
+        from alignkit.modeling import merge_lora
+
+        model = merge_lora(AutoPeftModelForCausalLM.from_pretrained(path))
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
     model.eval().requires_grad_(False)

@@ -60,17 +60,28 @@ from alignkit.losses import (
 from alignkit.modeling import (
     AdapterHead,
     ModelLoadError,
+    adapter_base,
     add_lora,
     adapters_off,
     count_parameters,
     disable_dropout,
+    is_adapter_dir,
     is_peft,
     load_model,
     load_tokenizer,
+    merge_lora,
     resolve_path,
     save_model,
 )
-from alignkit.rewards import ModelReward, RewardSourceConfig, SharedBase, build_reward, reward_model_info, score_head
+from alignkit.rewards import (
+    ModelReward,
+    RewardSourceConfig,
+    SharedBase,
+    build_reward,
+    read_model_head,
+    reward_model_info,
+    score_head,
+)
 from alignkit.schema import DataError, load_examples, prompts as prompt_view
 from alignkit.tokenization import encode_prompt, fit_length
 
@@ -285,8 +296,6 @@ def same_vocab(tok_a, tok_b) -> bool:
 
 def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy=None) -> tuple[ValueModel, str]:
     """The value model: from the reward model (InstructGPT), the policy, or a folder."""
-    from transformers import AutoConfig
-
     choice = cfg.ppo.value_init
     rm = None
     if choice in ("auto", "reward"):
@@ -299,7 +308,7 @@ def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy
     if rm is not None:
         src, note = rm.name_or_path, f"reward model {rm.name_or_path}"
         info = reward_model_info(src)
-        n_labels = AutoConfig.from_pretrained(resolve_path(src)).num_labels
+        n_labels = read_model_head(resolve_path(src), rm, src)[1]
         weights = list(rm.aspect_weights) or None
     else:
         src = policy_path if choice in ("auto", "reward", "policy") else choice
@@ -315,8 +324,13 @@ def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy
                 else "fresh value adapter, zero head (shared base)")
         return _shared_value(cfg, policy, shared_rm), note
     vcfg = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False))
+    adapter = is_adapter_dir(resolve_path(src))
     model = load_model(vcfg, task="reward", num_labels=n_labels, pad_token_id=tokenizer.pad_token_id,
-                       trainable=False, path=src)
+                       trainable=False, path=adapter_base(resolve_path(src)) if adapter else src)
+    if adapter:  # a LoRA reward model: its adapter and score head merged into a plain copy of its base
+        from peft import PeftModel
+
+        model = merge_lora(PeftModel.from_pretrained(model, resolve_path(src)))
     if n_labels != 1 or info is not None:
         model.score = value_head_from_reward(score_head(model)[1], info, weights)
     model.config.num_labels = 1
