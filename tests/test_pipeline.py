@@ -23,6 +23,14 @@ def test_quickstart_wires_each_stage_to_the_previous_one(tmp_path):
         load_config(PipelineConfig, QUICKSTART, ["stages=[sft,dpo]"])
 
 
+def test_low_memory_pipeline_hands_ppo_the_reward_adapter(tmp_path):
+    cfg = wire(load_config(PipelineConfig, os.path.join(ROOT, "configs/pipeline/low_memory.yaml"),
+                           [f"output_dir={tmp_path}"]))
+    assert cfg.rm.model.lora.enabled and cfg.ppo.model.lora.enabled and cfg.ppo.ppo.shared_base
+    # The adapter folder joins PPO's shared base; final/ (merged) would be a second network in memory.
+    assert cfg.ppo.reward.sources[0].name_or_path == os.path.join(str(tmp_path), "rm", "final_adapter")
+
+
 def test_report_arithmetic_hand_computed():
     # SFT gold [0, 1, 2, 3]: mean 1.5, sample std sqrt(5/3) = 1.29099.
     # PPO gold [1, 1, 4, 5]: mean 2.75 -> gain 1.25 = 0.96825 SFT std.
