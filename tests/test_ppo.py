@@ -532,3 +532,15 @@ def test_value_model_starts_from_a_lora_reward_adapter_outside_shared_base(tmp_p
     w = load_file(os.path.join(path, "adapter_model.safetensors"))["base_model.model.score.weight"]
     v = load_file(os.path.join(cfg.output_dir, "final_value", "model.safetensors"))["score.weight"]
     torch.testing.assert_close(v, 0.5 * w[0:1] + 1.0 * w[1:2])  # sum_k w_k / scale_k * W_k
+
+
+def test_bf16_reference_runs_under_the_policys_autocast(tmp_path):
+    """Full fine-tuning under bf16: the separate reference copy gets the same autocast (and fp32 attention)
+    as the policy, so before the first optimizer step the per-token KL is exactly 0."""
+    cfg = tiny_cfg(tmp_path, "train.mixed_precision=bf16", "train.max_steps=1",
+                   "data.eval_files=[builtin:prompts:eval:8]", "ppo.eval_samples=8")
+    summary = train_ppo(cfg)
+    assert summary["eval_before"]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+    first = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))
+             if "objective/kl" in line][0]
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)

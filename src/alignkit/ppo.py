@@ -647,7 +647,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
         reference = load_model(ref_cfg, task="causal-lm", trainable=False, path=cfg.ppo.reference or policy_path)
         disable_dropout(reference)
         reference.to(device)
+        # Same autocast as the policy (accelerate wraps forward; no DDP), so the KL starts at exactly 0.
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
     value_model, value_note = load_value_model(cfg, tokenizer, policy_path, reward, policy)
+    # bf16 autocast on CPU: attention in fp32, the fast kernel there (as SFT and RM do).
+    for m in (policy, reference, value_model.model if isinstance(value_model, ValueModel) else None):
+        if m is not None:
+            engine.use_fp32_attention_on_cpu(m, accelerator)
     memory_mode = ("shared_base" if ppo.shared_base else "lora" if cfg.model.lora.enabled else "full") + (
         "-8bit" if cfg.model.load_in_8bit else "-4bit" if cfg.model.load_in_4bit else "")
     trainable_policy, total_policy = count_parameters(policy)
