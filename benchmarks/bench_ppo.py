@@ -3,6 +3,8 @@
     /work/venv/bin/python benchmarks/bench_ppo.py                  # builtin:tiny SFT copy, 3 alternating repeats, ~5 min
     /work/venv/bin/python benchmarks/bench_ppo.py --config large --repeats 1   # ~46M-parameter Llama, ~6 min
     /work/venv/bin/python benchmarks/bench_ppo.py --modes alignkit-full,trl-full --repeats 1   # quick look
+    /work/venv/bin/python benchmarks/bench_ppo.py --config large --modes alignkit-shared --repeats 1 \
+        --alignkit-precision bf16 --alignkit-set model.gradient_checkpointing=true          # lowest-memory mode
 
 TRL 1.12 runs from its own virtualenv (``--trl-python``, default /work/venv-trl112/bin/python:
 torch 2.13 CPU, transformers 5.23, peft 0.21, trl 1.12.0); alignkit from this interpreter.
@@ -83,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--alignkit-precision", default="no", choices=["no", "bf16"],
                    help="alignkit's train.mixed_precision (TRL runs at its default, bf16)")
+    p.add_argument("--alignkit-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra alignkit config override, e.g. model.gradient_checkpointing=true (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
     p.add_argument("--trl-python", default="/work/venv-trl112/bin/python", help="interpreter of the TRL 1.12 venv")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "alignkit", "bench-ppo"),
@@ -255,7 +259,7 @@ def alignkit_worker(args) -> dict:
                 "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "whiten_rewards": False, "missing_eos_penalty": -1.0,
                 "value_init": "reward", "shared_base": mode == "shared", "eval_samples": 0},
         "reward": {"sources": [{"name_or_path": args.reward}], "batch_size": args.batch},
-        "output_dir": args.out})
+        "output_dir": args.out}, overrides=args.alignkit_set)
     summary = train_ppo(cfg)
     rows = [json.loads(x) for x in open(os.path.join(args.out, "metrics.jsonl"), encoding="utf-8")]
     rows = [r for r in rows if "rollout/eos_share" in r]
@@ -348,6 +352,8 @@ def main(argv=None) -> None:
               "--alignkit-precision", args.alignkit_precision, "--threads", str(args.threads), "--cache", args.cache]
     if args.profile:
         common.append("--profile")
+    for item in args.alignkit_set:
+        common += ["--alignkit-set", item]
     prep = run_child([sys.executable, __file__, "--worker", "prepare"] + common, os.path.join(workdir, "prepare.log"),
                      env=env)
     print(f"policy {prep['policy']} ({prep['parameters'] / 1e6:.2f}M parameters per model), reward {prep['reward']}",
