@@ -493,8 +493,10 @@ def test_shared_base_value_from_a_separate_reward_model_is_refused(tmp_path):
         train_ppo(cfg)
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml", "tiny_shared_base.yaml"])
-def test_two_processes_with_accelerate_launch(tmp_path, config):
+@pytest.mark.parametrize("config,extra", [("tiny.yaml", []), ("tiny_shared_base.yaml", []),
+                                          ("tiny_shared_base.yaml", ["--model.load_in_4bit=true",
+                                                                     "--train.mixed_precision=bf16"])])
+def test_two_processes_with_accelerate_launch(tmp_path, config, extra):
     """Full fine-tuning (DDP) and shared-base LoRA (hand-averaged gradients) under `accelerate launch`:
     both processes end with the same weights, and the evaluation gathers both processes' answers."""
     import subprocess
@@ -509,7 +511,7 @@ def test_two_processes_with_accelerate_launch(tmp_path, config):
                           "--data.eval_files=[builtin:prompts:eval:13]", "--ppo.eval_samples=13",
                           "--ppo.rollout_batch_size=8", "--train.per_device_batch_size=8", "--ppo.response_length=8",
                           "--ppo.ppo_epochs=1", "--train.max_steps=2", "--train.save_every=0", "--train.eval_every=0",
-                          "--log.progress=false", f"--output_dir={out}"], capture_output=True, text=True)
+                          "--log.progress=false", f"--output_dir={out}", *extra], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.load(open(out / "summary.json"))
     assert summary["num_processes"] == 2
@@ -544,3 +546,37 @@ def test_bf16_reference_runs_under_the_policys_autocast(tmp_path):
     first = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))
              if "objective/kl" in line][0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_shared_base_value_gradients_are_the_same_with_gradient_checkpointing():
+    """Checkpointed layers recompute in backward under the adapter active then; the value pass must not
+    be checkpointed, or its adapter would get gradients computed from the policy adapter's activations."""
+    from alignkit.config import ModelConfig
+    from alignkit.modeling import load_model
+    from alignkit.ppo import _shared_value
+
+    def grads(checkpointing):
+        cfg = ModelConfig(name_or_path="builtin:tiny", gradient_checkpointing=checkpointing)
+        cfg.lora.enabled, cfg.lora.r = True, 4
+        torch.manual_seed(0)
+        policy = load_model(cfg, task="causal-lm")
+        value = _shared_value(PPOConfig(model=cfg), policy, None)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+            value.head.weight.normal_(0, 1.0)
+        policy.train()
+        value.train()
+        ids = torch.randint(5, 50, (2, 12))
+        mask, pos = torch.ones_like(ids), torch.arange(12)[None].expand(2, -1)
+        v = value(ids, mask, pos)
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        (v.pow(2).mean() + logits.float().logsumexp(-1).mean()).backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert any(".value." in n for n in plain) and any(".default." in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=1e-4, rtol=1e-4)

@@ -290,9 +290,17 @@ class AdapterHead(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids=None):
         peft_model = self.peft_model
         hf = peft_model.get_base_model()
-        with use_adapter(peft_model, self.adapter):
-            hidden = getattr(hf, hf.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
-                                                       position_ids=position_ids, use_cache=False).last_hidden_state
+        backbone = getattr(hf, hf.base_model_prefix)
+        # The backbone runs in eval mode here: no dropout, and no gradient checkpointing, whose layers
+        # would be recomputed in backward under whichever adapter is active *then* (the policy's).
+        training = backbone.training
+        backbone.train(False)
+        try:
+            with use_adapter(peft_model, self.adapter):
+                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        finally:
+            backbone.train(training)
         return self.head(hidden.to(self.head.weight.dtype))
 
 

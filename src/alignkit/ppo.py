@@ -674,12 +674,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
             seen.add(id(p))
             unique.append((n, p))
     optimizer, scheduler = engine.make_optimizer(None, cfg.train, optimizer_steps, params=unique)
+    train_params = [p for _, p in unique if p.requires_grad]  # what is clipped, averaged and compared
     # Shared base: the value and reward read the policy's module with other adapters switched on, which DDP
     # cannot follow; with several processes the gradients are averaged by hand instead (engine.average_gradients).
     hand_sync = ppo.shared_base and world > 1
-    if hand_sync:
-        policy.to(device)
-        value_model.to(device)
+    if hand_sync:  # autocast (mixed precision) without DDP
+        policy = accelerator.prepare_model(policy, evaluation_mode=True)
+        value_model = accelerator.prepare_model(value_model, evaluation_mode=True)
         optimizer = accelerator.prepare(optimizer)
     else:
         policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
@@ -692,7 +693,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if state:
         kl_ctl.kl_coef = state["kl_coef"]
     if hand_sync:
-        engine.broadcast_parameters([p for _, p in unique], accelerator)
+        engine.broadcast_parameters(train_params, accelerator)
 
     chunk = cfg.train.per_device_batch_size
     ref_model = reference  # None with LoRA: adapter_disabled(policy)
@@ -780,8 +781,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         stats_sum[name] = stats_sum.get(name, 0.0) + v.float()
                     n_stats += 1
                 if hand_sync:
-                    engine.average_gradients([p for _, p in unique], accelerator)
-                engine.optimizer_step(accelerator, [p for _, p in unique], optimizer, scheduler, cfg.train.max_grad_norm)
+                    engine.average_gradients(train_params, accelerator)
+                engine.optimizer_step(accelerator, train_params, optimizer, scheduler, cfg.train.max_grad_norm)
 
         # Statistics of this update, averaged over processes.
         with torch.no_grad():
@@ -823,7 +824,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     runtime = time.time() - start
 
     # Processes must end with the same weights (DDP, or hand-averaged gradients in shared-base mode).
-    replica_diff = engine.replica_difference([p for _, p in unique], accelerator)
+    replica_diff = engine.replica_difference(train_params, accelerator)
     eval_after = run_eval() if eval_prompts else None
     if eval_after is not None:
         logger.log(eval_after, step=update)
