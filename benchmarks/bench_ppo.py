@@ -4,7 +4,7 @@
     /work/venv/bin/python benchmarks/bench_ppo.py --config large --repeats 1   # ~46M-parameter Llama, ~6 min
     /work/venv/bin/python benchmarks/bench_ppo.py --modes alignkit-full,trl-full --repeats 1   # quick look
     /work/venv/bin/python benchmarks/bench_ppo.py --config large --modes alignkit-shared --repeats 1 \
-        --alignkit-precision bf16 --alignkit-set model.gradient_checkpointing=true          # lowest-memory mode
+        --alignkit-set model.gradient_checkpointing=true                                    # lowest-memory mode
 
 TRL 1.12 runs from its own virtualenv (``--trl-python``, default /work/venv-trl112/bin/python:
 torch 2.13 CPU, transformers 5.23, peft 0.21, trl 1.12.0); alignkit from this interpreter.
