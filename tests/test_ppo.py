@@ -491,6 +491,10 @@ def test_shared_base_value_from_a_separate_reward_model_is_refused(tmp_path):
                    "ppo.value_init=reward", data={"reward": {"sources": [{"name_or_path": path}]}})
     with pytest.raises(ConfigError, match="ppo.value_init=reward with ppo.shared_base"):
         train_ppo(cfg)
+    cfg = tiny_cfg(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "ppo.shared_base=true",
+                   f"ppo.value_init={path}")
+    with pytest.raises(ConfigError, match="not a separate folder"):
+        train_ppo(cfg)
 
 
 @pytest.mark.parametrize("config,extra", [("tiny.yaml", []), ("tiny_shared_base.yaml", []),

@@ -4,6 +4,7 @@ the same ``from_pretrained`` path; LoRA via peft; 8-/4-bit via bitsandbytes."""
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 
 import torch
@@ -304,6 +305,12 @@ class AdapterHead(torch.nn.Module):
         return self.head(hidden.to(self.head.weight.dtype))
 
 
+def adapter_tensor(param_name: str, adapter: str) -> bool:
+    """Whether ``param_name`` is one of LoRA adapter ``adapter``'s tensors (``...lora_A.<adapter>.weight``),
+    not a base weight that merely has the adapter's name in its path (e.g. an ``attention.value`` layer)."""
+    return re.search(rf"\.lora_\w+\.{re.escape(adapter)}(\.|$)", param_name) is not None
+
+
 def read_adapter_head(adapter_dir: str) -> tuple[dict, dict]:
     """(LoRA tensors, score-head tensors) of a sequence-classification adapter folder saved by peft."""
     from safetensors.torch import load_file
@@ -332,13 +339,13 @@ def attach_adapter_head(peft_model, adapter_dir: str, name: str, trainable: bool
     config.task_type, config.modules_to_save, config.inference_mode = TaskType.CAUSAL_LM, None, False
     peft_model.add_adapter(name, config)
     result = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
-    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    missing = [k for k in result.missing_keys if adapter_tensor(k, name)]
     if result.unexpected_keys or missing:
         peft_model.delete_adapter(name)
         raise ModelLoadError(f"{adapter_dir}: its LoRA weights do not fit the policy's base "
                              f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})")
     for n, p in peft_model.named_parameters():
-        if f".{name}." in n:
+        if adapter_tensor(n, name):
             p.requires_grad_(trainable)
     weight = head_state["weight"]
     device = peft_model.get_input_embeddings().weight.device

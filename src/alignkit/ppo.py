@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import resource
 import time
 from contextlib import ExitStack, nullcontext
@@ -61,6 +62,7 @@ from alignkit.modeling import (
     AdapterHead,
     ModelLoadError,
     adapter_base,
+    adapter_tensor,
     add_lora,
     adapters_off,
     count_parameters,
@@ -315,6 +317,9 @@ def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy
         note = "policy" if src == policy_path else src
         info, n_labels, weights = None, 1, None
     if cfg.ppo.shared_base:
+        if choice not in ("auto", "reward", "policy"):
+            raise ConfigError(f"ppo.value_init={choice} with ppo.shared_base: the value model is an adapter on the "
+                              "policy's base, not a separate folder; use auto, reward or policy")
         shared_rm = next((m for m in reward.models if m.shared), None) if choice in ("auto", "reward") else None
         if shared_rm is None and choice == "reward":
             raise ConfigError("ppo.value_init=reward with ppo.shared_base: the reward model must be a LoRA adapter "
@@ -378,8 +383,10 @@ def _shared_value(cfg, policy, rm: ModelReward | None) -> SharedBaseValue:
         with torch.no_grad():
             params = dict(policy.named_parameters())
             for name, p in params.items():
-                if f".{SharedBaseValue.adapter}." in name:
-                    p.copy_(params[name.replace(f".{SharedBaseValue.adapter}.", f".{rm.model.adapter}.")])
+                if adapter_tensor(name, SharedBaseValue.adapter):
+                    source_name = re.sub(rf"(\.lora_\w+)\.{SharedBaseValue.adapter}(\.|$)",
+                                         rf"\1.{rm.model.adapter}\2", name)
+                    p.copy_(params[source_name])
         info = {"weights": rm.weights.tolist(), "scale": rm.scale.tolist()}
         head = value_head_from_reward(rm.model.head, info)
         head = head.to(torch.float32)
@@ -394,7 +401,7 @@ def _shared_value(cfg, policy, rm: ModelReward | None) -> SharedBaseValue:
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
     for name, p in policy.named_parameters():
-        if f".{SharedBaseValue.adapter}." in name:
+        if adapter_tensor(name, SharedBaseValue.adapter):
             p.requires_grad_(True)
     head.requires_grad_(True)
     return SharedBaseValue(policy, head)
