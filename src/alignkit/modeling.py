@@ -305,10 +305,39 @@ class AdapterHead(torch.nn.Module):
         return self.head(hidden.to(self.head.weight.dtype))
 
 
+def _adapter_path(adapter: str):
+    return re.compile(rf"(\.lora_\w+\.){re.escape(adapter)}(?=\.|$)")
+
+
 def adapter_tensor(param_name: str, adapter: str) -> bool:
     """Whether ``param_name`` is one of LoRA adapter ``adapter``'s tensors (``...lora_A.<adapter>.weight``),
     not a base weight that merely has the adapter's name in its path (e.g. an ``attention.value`` layer)."""
-    return re.search(rf"\.lora_\w+\.{re.escape(adapter)}(\.|$)", param_name) is not None
+    return _adapter_path(adapter).search(param_name) is not None
+
+
+def copy_adapter(peft_model, source: str, name: str) -> None:
+    """Add adapter ``name`` to ``peft_model`` as a trainable copy of adapter ``source`` (config and weights)."""
+    import dataclasses
+
+    peft_model.add_adapter(name, dataclasses.replace(peft_model.peft_config[source], inference_mode=False))
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            if adapter_tensor(n, name):
+                p.copy_(params[_adapter_path(name).sub(rf"\g<1>{source}", n)])
+                p.requires_grad_(True)
+
+
+def load_adapter_classifier(adapter_dir: str, num_labels: int, pad_token_id: int | None, dtype: str = "float32",
+                            trust_remote_code: bool = False):
+    """A sequence-classification LoRA adapter folder on a fresh copy of its base -> PeftModel."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(adapter_base(adapter_dir), num_labels=num_labels,
+                                                              dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    base.config.pad_token_id = pad_token_id
+    return PeftModel.from_pretrained(base, adapter_dir)
 
 
 def read_adapter_head(adapter_dir: str) -> tuple[dict, dict]:

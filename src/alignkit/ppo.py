@@ -31,9 +31,10 @@ reward model too: one base serves policy, reference, value and reward.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import os
-import re
 import resource
 import time
 from contextlib import ExitStack, nullcontext
@@ -63,8 +64,9 @@ from alignkit.modeling import (
     ModelLoadError,
     adapter_base,
     adapter_tensor,
-    add_lora,
     adapters_off,
+    add_lora,
+    copy_adapter,
     count_parameters,
     disable_dropout,
     is_adapter_dir,
@@ -378,18 +380,8 @@ def _shared_value(cfg, policy, rm: ModelReward | None) -> SharedBaseValue:
     from peft import LoraConfig, TaskType
 
     if rm is not None:
-        source = rm.model.peft_model.peft_config[rm.model.adapter]
-        policy.add_adapter(SharedBaseValue.adapter, dataclasses.replace(source, inference_mode=False))
-        with torch.no_grad():
-            params = dict(policy.named_parameters())
-            for name, p in params.items():
-                if adapter_tensor(name, SharedBaseValue.adapter):
-                    source_name = re.sub(rf"(\.lora_\w+)\.{SharedBaseValue.adapter}(\.|$)",
-                                         rf"\1.{rm.model.adapter}\2", name)
-                    p.copy_(params[source_name])
-        info = {"weights": rm.weights.tolist(), "scale": rm.scale.tolist()}
-        head = value_head_from_reward(rm.model.head, info)
-        head = head.to(torch.float32)
+        copy_adapter(policy, rm.model.adapter, SharedBaseValue.adapter)
+        head = value_head_from_reward(rm.model.head, {"weights": rm.weights.tolist(), "scale": rm.scale.tolist()})
     else:
         lora = cfg.model.lora
         targets = lora.target_modules
@@ -400,9 +392,9 @@ def _shared_value(cfg, policy, rm: ModelReward | None) -> SharedBaseValue:
         head = torch.nn.Linear(hidden, 1, bias=True)
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
-    for name, p in policy.named_parameters():
-        if adapter_tensor(name, SharedBaseValue.adapter):
-            p.requires_grad_(True)
+        for name, p in policy.named_parameters():
+            if adapter_tensor(name, SharedBaseValue.adapter):
+                p.requires_grad_(True)
     head.requires_grad_(True)
     return SharedBaseValue(policy, head)
 
@@ -487,12 +479,14 @@ def forward_response(model, input_ids, attention_mask, position_ids, context_len
 
 
 def _takes_logits_to_keep(model) -> bool:
-    import inspect
-
     while hasattr(model, "module"):  # DDP and other wrappers
         model = model.module
-    hf = model.get_base_model() if is_peft(model) else model
-    return "logits_to_keep" in inspect.signature(hf.forward).parameters
+    return _forward_takes_logits_to_keep(type(model.get_base_model() if is_peft(model) else model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class) -> bool:  # once per class, not per forward pass
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def ppo_minibatch_loss(policy, value_model, mb: dict, context_length: int, ppo: PPOSettings):
@@ -514,11 +508,6 @@ def ppo_minibatch_loss(policy, value_model, mb: dict, context_length: int, ppo: 
     stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/clipfrac": pg_clipfrac,
              "policy/approx_kl": approx_kl, "value/clipfrac": vf_clipfrac, "policy/entropy": entropy}
     return loss, stats
-
-
-def adapter_disabled(model):
-    """The LoRA reference: the policy network with its adapters switched off (trainability kept)."""
-    return adapters_off(model)
 
 
 def gold_available(cfg: PPOConfig) -> bool:
@@ -557,7 +546,7 @@ def rollout(policy, reference, reward, prompts: list[Prompt], tokenizer, ppo: PP
         args = (b_input_ids[i:i + chunk], b_attention_mask[i:i + chunk], b_position_ids[i:i + chunk], P,
                 ppo.temperature)
         logprobs.append(forward_response(policy, *args)[1])
-        with adapter_disabled(policy) if reference is None else nullcontext():
+        with adapters_off(policy) if reference is None else nullcontext():
             ref_logprobs.append(forward_response(reference if reference is not None else policy, *args)[1])
     out = dict(query=b_query, query_mask=b_query_mask, response=b_response, response_mask=b_response_mask,
                ended=b_ended, input_ids=b_input_ids, attention_mask=b_attention_mask, position_ids=b_position_ids,
@@ -703,7 +692,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         engine.broadcast_parameters(train_params, accelerator)
 
     chunk = cfg.train.per_device_batch_size
-    ref_model = reference  # None with LoRA: adapter_disabled(policy)
+    ref_model = reference  # None with LoRA: the policy under adapters_off
 
     def run_eval():
         raw_policy.eval()

@@ -37,6 +37,7 @@ from alignkit.modeling import (
     attach_adapter_head,
     is_adapter_dir,
     is_peft,
+    load_adapter_classifier,
     read_adapter_head,
     resolve_path,
     same_model_path,
@@ -245,13 +246,8 @@ class ModelReward:
         if model is None:
             try:
                 if adapter:
-                    from peft import PeftModel
-
-                    base = AutoModelForSequenceClassification.from_pretrained(
-                        adapter_base(path), num_labels=n_out, dtype=DTYPES[cfg.dtype],
-                        trust_remote_code=cfg.trust_remote_code)
-                    base.config.pad_token_id = tokenizer.pad_token_id
-                    model = PeftModel.from_pretrained(base, path)
+                    model = load_adapter_classifier(path, n_out, tokenizer.pad_token_id, cfg.dtype,
+                                                    cfg.trust_remote_code)
                 else:
                     model = AutoModelForSequenceClassification.from_pretrained(
                         path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
@@ -354,13 +350,4 @@ def build_reward(sources: list[RewardSourceConfig], device="cpu", batch_size: in
 
 def reward_model_info(path: str) -> dict | None:
     """The ``alignkit_reward`` block of a saved reward model folder, or None."""
-    folder = resolve_path(path)
-    adapter_info = os.path.join(folder, "alignkit_reward.json")
-    if is_adapter_dir(folder) and os.path.exists(adapter_info):
-        with open(adapter_info, encoding="utf-8") as f:
-            return read_reward_head({"alignkit_reward": json.load(f)}, path)
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        return None
-    with open(cfg_path, encoding="utf-8") as f:
-        return read_reward_head(json.load(f), path)
+    return read_model_head(resolve_path(path), RewardSourceConfig(name_or_path=path), path)[0]

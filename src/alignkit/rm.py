@@ -618,15 +618,11 @@ def load_reward_model(path: str, dtype: str = "float32", device: str | None = No
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if adapter:
-            from peft import PeftConfig, PeftModel
+            from alignkit.modeling import load_adapter_classifier
 
             with open(os.path.join(path, "alignkit_reward.json"), encoding="utf-8") as f:
                 info = json.load(f)
-            base = resolve_path(PeftConfig.from_pretrained(path).base_model_name_or_path)
-            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(info["aspects"]),
-                                                                       dtype=DTYPES[dtype])
-            model.config.pad_token_id = tokenizer.pad_token_id
-            model = PeftModel.from_pretrained(model, path)
+            model = load_adapter_classifier(path, len(info["aspects"]), tokenizer.pad_token_id, dtype)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
