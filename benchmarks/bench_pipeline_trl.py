@@ -1,14 +1,14 @@
 """The whole InstructGPT pipeline, alignkit vs TRL, on the built-in task at the same wall-clock budget.
 
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py                       # ~15 min, 1 seed, 1 thread
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --seeds 0 1 2         # three pipelines of each
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --variants capped,uncapped --trl-ppo-lr 1e-3 3e-4
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --budget-scale 2      # TRL gets 2x alignkit's seconds
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --long-factor 8       # the long PPO runs: 8x the updates
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --long-factor 0       # ~10 min: no twice-the-budget runs
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --seeds 0 1 2 --long-factor 0   # the KL-matched table
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --kl-match 0          # no KL-matched re-run
-    /work/venv/bin/python benchmarks/bench_pipeline_trl.py --report runs/bench_pipeline_trl/results.json  # tables again
+    python benchmarks/bench_pipeline_trl.py                       # ~15 min, 1 seed, 1 thread
+    python benchmarks/bench_pipeline_trl.py --seeds 0 1 2         # three pipelines of each
+    python benchmarks/bench_pipeline_trl.py --variants capped,uncapped --trl-ppo-lr 1e-3 3e-4
+    python benchmarks/bench_pipeline_trl.py --budget-scale 2      # TRL gets 2x alignkit's seconds
+    python benchmarks/bench_pipeline_trl.py --long-factor 8       # the long PPO runs: 8x the updates
+    python benchmarks/bench_pipeline_trl.py --long-factor 0       # ~10 min: no twice-the-budget runs
+    python benchmarks/bench_pipeline_trl.py --seeds 0 1 2 --long-factor 0   # the KL-matched table
+    python benchmarks/bench_pipeline_trl.py --kl-match 0          # no KL-matched re-run
+    python benchmarks/bench_pipeline_trl.py --report runs/bench_pipeline_trl/results.json  # tables again
 
 alignkit runs ``alignkit pipeline --config configs/pipeline/quickstart.yaml`` (stages sft, rm, ppo).
 TRL runs the same three stages on the same built-in data and the same ``builtin:tiny`` model:
@@ -206,14 +206,14 @@ def rm_gold_accuracy(path: str, max_length: int) -> float:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignkit import rm
+    from alignkit import rewards, rm, rm_data, rm_eval
     from alignkit.schema import load_examples
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).float().eval()
-    els, _ = rm.build_elements(load_examples("builtin:pairs:eval"), rm.RewardSettings(), tok, max_length, "truncate",
+    els, _ = rm_data.build_elements(load_examples("builtin:pairs:eval"), rm_data.RewardSettings(), tok, max_length, "truncate",
                                evaluation=True)
-    return rm.evaluate(model, els, rm.default_info(1), tok.pad_token_id)[0]["gold_accuracy"]
+    return rm_eval.evaluate(model, els, rewards.default_info(1), tok.pad_token_id)[0]["gold_accuracy"]
 
 
 # ----------------------------------------------------------------------------- other load on the machine

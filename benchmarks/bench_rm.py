@@ -1,8 +1,8 @@
 """Reward-model training speed: alignkit vs TRL 1.16 RewardTrainer on the same model, pairs, max length and batch.
 
-    /work/venv/bin/python benchmarks/bench_rm.py                      # pairs and K=4 rankings, builtin:small
-    /work/venv/bin/python benchmarks/bench_rm.py --model builtin:tiny --steps 40 --kinds pairs
-    /work/venv/bin/python benchmarks/bench_rm.py --repeats 5 --no-packing   # alignkit padded, like TRL
+    python benchmarks/bench_rm.py                      # pairs and K=4 rankings, builtin:small
+    python benchmarks/bench_rm.py --model builtin:tiny --steps 40 --kinds pairs
+    python benchmarks/bench_rm.py --repeats 5 --no-packing   # alignkit padded, like TRL
 
 Each run is one subprocess (so peak RSS is its own) on identical token ids: the pairs alignkit
 trains on are handed to TRL pre-tokenized (``chosen_ids``/``rejected_ids``). Both use bf16 (--precision)
@@ -40,22 +40,22 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def elements_for(kind: str, n: int, tokenizer, max_length: int):
-    from alignkit import rm
+    from alignkit import rewards, rm, rm_data, rm_eval
     from alignkit.schema import load_examples
 
     spec = f"builtin:{kind}:train:{n}"
-    els, _ = rm.build_elements(load_examples(spec), rm.RewardSettings(), tokenizer, max_length, "error")
+    els, _ = rm_data.build_elements(load_examples(spec), rm_data.RewardSettings(), tokenizer, max_length, "error")
     return spec, els
 
 
 def gold_accuracy(model, tokenizer, max_length: int) -> float:
-    from alignkit import rm
+    from alignkit import rewards, rm, rm_data, rm_eval
     from alignkit.schema import load_examples
 
-    els, _ = rm.build_elements(load_examples("builtin:pairs:eval"), rm.RewardSettings(), tokenizer, max_length,
+    els, _ = rm_data.build_elements(load_examples("builtin:pairs:eval"), rm_data.RewardSettings(), tokenizer, max_length,
                                "truncate", evaluation=True)
     model = model.float().eval()
-    return rm.evaluate(model, els, rm.default_info(1), model.config.pad_token_id)[0]["gold_accuracy"]
+    return rm_eval.evaluate(model, els, rewards.default_info(1), model.config.pad_token_id)[0]["gold_accuracy"]
 
 
 class StepClock:
@@ -76,7 +76,7 @@ class StepClock:
 
 
 def run_alignkit(args) -> dict:
-    from alignkit import rm
+    from alignkit import rewards, rm, rm_data, rm_eval
     from alignkit.config import load_config
     from alignkit.modeling import load_tokenizer
 
@@ -93,7 +93,7 @@ def run_alignkit(args) -> dict:
     summary = rm.train_rm(cfg)
     clock.handle.remove()
     tok = load_tokenizer(cfg.model)
-    model, _, _ = rm.load_reward_model(os.path.join(out, "final"))
+    model, _, _ = rewards.load_reward_model(os.path.join(out, "final"))
     pairs = summary["pairs_per_second"] * summary["runtime_seconds"]
     per_step = args.prompts_per_step * (1 if args.kind == "pairs" else 6)
     if abs(pairs - args.steps * per_step) > 0.02 * args.steps * per_step:  # runtime_seconds is rounded

@@ -1,9 +1,9 @@
 """Reward-model held-out gold accuracy: alignkit vs TRL 1.16 RewardTrainer over several seeds, same pairs.
 
-    /work/venv/bin/python benchmarks/bench_rm_accuracy.py                       # 5 seeds, pairs + K=4 rankings, TRL sweep on seed 0 (~30 min)
-    /work/venv/bin/python benchmarks/bench_rm_accuracy.py --jobs 2              # two runs at a time (2 cores; accuracy is not timing)
-    /work/venv/bin/python benchmarks/bench_rm_accuracy.py --kinds rankings --trl-batch 24 --trl-lr 1e-3   # no sweep
-    /work/venv/bin/python benchmarks/bench_rm_accuracy.py --kinds rankings --alignkit-set rm.rankings=plackett_luce \
+    python benchmarks/bench_rm_accuracy.py                       # 5 seeds, pairs + K=4 rankings, TRL sweep on seed 0 (~30 min)
+    python benchmarks/bench_rm_accuracy.py --jobs 2              # two runs at a time (2 cores; accuracy is not timing)
+    python benchmarks/bench_rm_accuracy.py --kinds rankings --trl-batch 24 --trl-lr 1e-3   # no sweep
+    python benchmarks/bench_rm_accuracy.py --kinds rankings --alignkit-set rm.rankings=plackett_luce \
         --trl-from runs/bench_rm_accuracy.json --json runs/bench_rm_accuracy_pl.json   # listwise loss, TRL runs reused
 
 What is compared, per seed s and kind (pairs: configs/rm/tiny.yaml, rankings: configs/rm/tiny_ranking.yaml):
@@ -13,7 +13,7 @@ What is compared, per seed s and kind (pairs: configs/rm/tiny.yaml, rankings: co
   ``rm.rankings=plackett_luce``). Its own evaluation is switched off (``data.eval_files=[]``); it changes
   nothing in training.
 * TRL: ``RewardTrainer`` on exactly the comparison pairs alignkit trains on -- the config's training
-  elements from ``rm.prepare_rm_data`` at the same seed, each untied comparison one ``chosen_ids`` /
+  elements from ``rm_data.prepare_rm_data`` at the same seed, each untied comparison one ``chosen_ids`` /
   ``rejected_ids`` row of the same token ids (a K=4 ranking gives its 6 pairs as 6 rows) -- same model
   (builtin:tiny, score head drawn after ``set_seed(s)``), same max_length, one epoch (so the same pairs
   seen, each once), bf16, AdamW, no gradient checkpointing, linear schedule with 5% warm-up (alignkit's
@@ -59,7 +59,7 @@ CONFIGS = {"pairs": "configs/rm/tiny.yaml", "rankings": "configs/rm/tiny_ranking
 
 
 def load_rm_config(kind: str, seed: int, out: str, extra: list[str]):
-    from alignkit import rm
+    from alignkit import rewards, rm, rm_data, rm_eval
     from alignkit.config import load_config
 
     return load_config(rm.RMConfig, os.path.join(ROOT, CONFIGS[kind]), [
@@ -68,13 +68,13 @@ def load_rm_config(kind: str, seed: int, out: str, extra: list[str]):
 
 
 def run_alignkit(args) -> dict:
-    from alignkit import rm
+    from alignkit import rewards, rm, rm_data, rm_eval
     from alignkit.modeling import load_tokenizer
 
     out = tempfile.mkdtemp(prefix="bench-rmacc-alignkit-")
     cfg = load_rm_config(args.kind, args.seed, out, args.alignkit_set)
     summary = rm.train_rm(cfg)
-    model, _, _ = rm.load_reward_model(os.path.join(out, "final"))
+    model, _, _ = rewards.load_reward_model(os.path.join(out, "final"))
     data = summary["data"]["train"]
     pairs = data.get("pairs", 0) + 6 * data.get("rankings", 0)  # a K=4 Plackett-Luce ranking implies 6 pairs
     return {"gold_accuracy": gold_accuracy(model, load_tokenizer(cfg.model), cfg.data.max_length),
@@ -85,12 +85,12 @@ def run_alignkit(args) -> dict:
 
 def trl_rows(kind: str, seed: int) -> tuple[list[dict], object, object]:
     """The untied comparisons alignkit trains on at this seed, as TRL's pre-tokenized rows."""
-    from alignkit import rm
+    from alignkit import rewards, rm, rm_data, rm_eval
     from alignkit.modeling import load_tokenizer
 
     cfg = load_rm_config(kind, seed, tempfile.mkdtemp(prefix="bench-rmacc-trl-"), ["rm.rankings=pairs"])
     tok = load_tokenizer(cfg.model)
-    elements, _, _, _ = rm.prepare_rm_data(cfg, tok)
+    elements, _, _, _ = rm_data.prepare_rm_data(cfg, tok)
     rows = [{"chosen_ids": el.sequences[c.winner], "rejected_ids": el.sequences[c.loser]}
             for el in elements for c in el.comparisons if not c.tie]
     return rows, cfg, tok

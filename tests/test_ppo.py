@@ -13,15 +13,9 @@ import torch
 from alignkit.config import ConfigError, load_config
 from alignkit.engine import TrainingError
 from alignkit.modeling import ModelLoadError
-from alignkit.ppo import (
-    PPOConfig,
-    ValueModel,
-    left_pad,
-    ppo_minibatch_loss,
-    sequence_inputs,
-    train_ppo,
-    truncate_after_eos,
-)
+from alignkit.ppo import Minibatch, PPOConfig, ppo_minibatch_loss, train_ppo
+from alignkit.rollout import left_pad, sequence_inputs, truncate_after_eos
+from alignkit.value import ValueModel
 from alignkit.rewards import ModelReward, RewardSourceConfig, build_reward
 from alignkit.schema import DataError
 
@@ -107,7 +101,7 @@ def test_masked_tokens_change_nothing_in_the_ppo_loss():
     ppo = PPOSettings(temperature=0.7)
     q, qm = left_pad([[4, 10, 11, 12, 6], [4, 13, 6]], pad_id=0)
     resp = torch.tensor([[20, 21, 2, 0, 0], [22, 23, 24, 25, 2]])
-    resp, rmask, _ = truncate_after_eos(resp, eos_id=2, pad_id=0)
+    resp, rmask, _ = truncate_after_eos(resp, 2, pad_id=0)
     ids, att, pos = sequence_inputs(q, qm, resp, rmask)
     g = torch.Generator().manual_seed(1)
     stats = {k: torch.randn(2, 5, generator=g) for k in ("logprobs", "values", "advantages", "returns")}
@@ -116,7 +110,7 @@ def test_masked_tokens_change_nothing_in_the_ppo_loss():
     def loss_and_grads(input_ids, rollout):
         policy.zero_grad()
         value.zero_grad()
-        mb = dict(input_ids=input_ids, attention_mask=att, position_ids=pos, response_mask=rmask, **rollout)
+        mb = Minibatch(input_ids=input_ids, attention_mask=att, position_ids=pos, response_mask=rmask, **rollout)
         loss, _ = ppo_minibatch_loss(policy, value, mb, q.shape[1], ppo)
         loss.backward()
         grads = [p.grad.clone() for p in list(policy.parameters()) + list(value.parameters()) if p.grad is not None]
@@ -139,12 +133,12 @@ def test_masked_tokens_change_nothing_in_the_ppo_loss():
 def test_response_logprobs_equal_the_full_logits_computation():
     """forward_response runs the LM head on the response positions only; same numbers as slicing full logits."""
     from alignkit.losses import logprobs_from_logits
-    from alignkit.ppo import _takes_logits_to_keep, forward_response
+    from alignkit.rollout import _takes_logits_to_keep, forward_response
 
     policy, _ = _tiny_policy_and_value()
     assert _takes_logits_to_keep(policy)
     q, qm = left_pad([[4, 10, 11, 12, 6], [4, 13, 6]], pad_id=0)
-    resp, rmask, _ = truncate_after_eos(torch.tensor([[20, 21, 2, 0], [22, 23, 24, 2]]), eos_id=2, pad_id=0)
+    resp, rmask, _ = truncate_after_eos(torch.tensor([[20, 21, 2, 0], [22, 23, 24, 2]]), 2, pad_id=0)
     ids, att, pos = sequence_inputs(q, qm, resp, rmask)
     with torch.no_grad():
         logits, logprobs = forward_response(policy, ids, att, pos, q.shape[1], 0.7)
@@ -422,7 +416,7 @@ HEAD2 = {"aspects": ["helpfulness", "harmlessness"], "weights": [1.0, 0.5], "off
 def test_reward_adapter_on_the_shared_base_scores_like_the_standalone_model(tmp_path):
     from alignkit.config import ModelConfig
     from alignkit.modeling import export_merged, load_model, resolve_path
-    from alignkit.rewards import SharedBase
+    from alignkit.adapters import SharedBase
 
     path = make_reward_adapter(tmp_path / "rm_adapter", HEAD2)
     merged = export_merged(path, str(tmp_path / "rm_merged"), ModelConfig(name_or_path="builtin:tiny"), num_labels=2)
@@ -557,20 +551,20 @@ def test_shared_base_value_gradients_are_the_same_with_gradient_checkpointing():
     be checkpointed, or its adapter would get gradients computed from the policy adapter's activations."""
     from alignkit.config import ModelConfig
     from alignkit.modeling import load_model
-    from alignkit.ppo import _shared_value
+    from alignkit.adapters import add_value_adapter
 
     def grads(checkpointing):
         cfg = ModelConfig(name_or_path="builtin:tiny", gradient_checkpointing=checkpointing)
         cfg.lora.enabled, cfg.lora.r = True, 4
         torch.manual_seed(0)
         policy = load_model(cfg, task="causal-lm")
-        value = _shared_value(PPOConfig(model=cfg), policy, None)
+        value = ValueModel(add_value_adapter(policy, cfg.lora, None, None))
         torch.manual_seed(1)
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.5)
-            value.head.weight.normal_(0, 1.0)
+            value.model.head.weight.normal_(0, 1.0)
         policy.train()
         value.train()
         ids = torch.randint(5, 50, (2, 12))

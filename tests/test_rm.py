@@ -1,7 +1,7 @@
 """Reward-model stage: maths on hand-made batches, data -> comparisons, bad input, a short real run,
 the saved format (AutoModelForSequenceClassification round trip, LoRA merge) and rm-eval.
 
-    /work/venv/bin/pytest tests/test_rm.py -q
+    python -m pytest tests/test_rm.py -q
 """
 
 import glob
@@ -16,7 +16,12 @@ from alignkit.config import ConfigError, load_config
 from alignkit.schema import DataError, Example, Label, load_examples
 from conftest import ROOT, write_jsonl
 
-rm = pytest.importorskip("alignkit.rm")
+from alignkit import rewards, rm, rm_data, rm_eval
+from alignkit.modeling import backbone_and_head
+
+
+def encode_texts(tokenizer, prompts, answers):
+    return [rewards.encode_for_reward(tokenizer, p, a) for p, a in zip(prompts, answers)]
 
 
 def bt(d):  # -log sigmoid(d)
@@ -32,7 +37,7 @@ def tok(tiny_model_dir):
 
 
 def settings(**kw):
-    return rm.RewardSettings(**kw)
+    return rm_data.RewardSettings(**kw)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -58,14 +63,14 @@ def test_config_errors_name_the_key():
 
 def element(n_answers, comparisons, rankings=()):
     seqs = [[5 + j, 6, 2] for j in range(n_answers)]
-    return rm.RMElement(seqs, [rm.Comparison(*c) for c in comparisons], list(rankings), "<test>")
+    return rm_data.RMElement(seqs, [rm_data.Comparison(*c) for c in comparisons], list(rankings), "<test>")
 
 
 def test_loss_averages_each_prompts_pairs_first():
     # Prompt 0: K=2, one pair 0>1. Prompt 1: K=3 ranked 0>1>2, its C(3,2)=3 pairs in one element.
     els = [element(2, [(0, 1, 0.0, 0, False, "none")]),
            element(3, [(0, 1, 0.0, 0, False, "none"), (0, 2, 0.0, 0, False, "none"), (1, 2, 0.0, 0, False, "none")])]
-    batch = rm.collate_elements(els, pad_token_id=0, num_aspects=1)
+    batch = rm_data.collate_elements(els, pad_token_id=0, num_aspects=1)
     assert batch["input_ids"].shape == (5, 3)  # every answer once: 2 + 3 rows
     assert batch["num_groups"].item() == 2
     rewards = torch.tensor([[1.0], [0.0], [2.0], [1.0], [0.0]])
@@ -79,7 +84,7 @@ def test_loss_averages_each_prompts_pairs_first():
 def test_aspect_index_picks_the_aspect_column_and_margin_and_tie():
     # Two aspects. Pair on aspect 1 (harmlessness) with margin 1; a tie on aspect 0.
     els = [element(2, [(0, 1, 1.0, 1, False, "better"), (0, 1, 0.0, 0, True, "none")])]
-    batch = rm.collate_elements(els, pad_token_id=0, num_aspects=2)
+    batch = rm_data.collate_elements(els, pad_token_id=0, num_aspects=2)
     rewards = torch.tensor([[5.0, 3.0], [4.0, 0.5]])  # answer 0: (5, 3); answer 1: (4, 0.5)
     terms = rm.rm_loss_terms(rewards, batch)
     # aspect-1 pair: -log sig(3 - 0.5 - 1) = -log sig(1.5) = 0.20141
@@ -91,7 +96,7 @@ def test_aspect_index_picks_the_aspect_column_and_margin_and_tie():
 
 def test_plackett_luce_ranking_of_two_is_bradley_terry():
     els = [element(2, [], rankings=[([1, 0], 0)])]  # answer 1 ranked first
-    batch = rm.collate_elements(els, pad_token_id=0, num_aspects=1)
+    batch = rm_data.collate_elements(els, pad_token_id=0, num_aspects=1)
     terms = rm.rm_loss_terms(torch.tensor([[0.5], [2.0]]), batch)
     assert terms.group_loss_sum.item() == pytest.approx(bt(1.5), abs=1e-5)
     assert terms.correct.item() == 1
@@ -111,7 +116,7 @@ A3 = ["the pizza was great .", "the pizza was okay .", "the pizza was bad ."]
 def test_strength_margin_from_table():
     e = ex(A3[:2], [{"kind": "pairwise", "chosen": 0, "rejected": 1, "strength": "better"}])
     for margin, want in (("llama2_small", 2 / 3), ("llama2_large", 2.0), ("none", 0.0)):
-        comps, _ = rm.comparisons_of(e, settings(margin=margin))
+        comps, _ = rm_data.comparisons_of(e, settings(margin=margin))
         assert comps[0].margin == pytest.approx(want)
 
 
@@ -120,10 +125,10 @@ def test_ratings_become_pairs_within_prompt_and_aspect(tok):
               for j, v in enumerate([5, 3, 3])]
     labels.append({"kind": "rating", "answer": 0, "aspect": "harmlessness", "value": 2, "annotator": "a"})
     s = settings(aspects=["helpfulness", "harmlessness"])
-    els, stats = rm.build_elements([ex(A3, labels)], s, tok, 64, "error")
+    els, stats = rm_data.build_elements([ex(A3, labels)], s, tok, 64, "error")
     # helpfulness 5 > 3 = 3: pairs 0>1 and 0>2, the 1-2 tie dropped; one harmlessness rating makes no pair.
     assert sorted((c.winner, c.loser, c.aspect) for c in els[0].comparisons) == [(0, 1, 0), (0, 2, 0)]
-    els, _ = rm.build_elements([ex(A3, labels)], settings(aspects=["helpfulness", "harmlessness"], ties="equal"),
+    els, _ = rm_data.build_elements([ex(A3, labels)], settings(aspects=["helpfulness", "harmlessness"], ties="equal"),
                                tok, 64, "error")
     assert sum(c.tie for c in els[0].comparisons) == 1
 
@@ -131,33 +136,33 @@ def test_ratings_become_pairs_within_prompt_and_aspect(tok):
 def test_annotators_aggregate_by_majority_or_each(tok):
     votes = [(0, 1, "a"), (0, 1, "b"), (1, 0, "c")]
     e = ex(A3[:2], [{"kind": "pairwise", "chosen": c, "rejected": r, "annotator": a} for c, r, a in votes])
-    els, _ = rm.build_elements([e], settings(annotators="aggregate"), tok, 64, "error")
+    els, _ = rm_data.build_elements([e], settings(annotators="aggregate"), tok, 64, "error")
     assert [(c.winner, c.loser) for c in els[0].comparisons] == [(0, 1)]
-    els, _ = rm.build_elements([e], settings(annotators="each"), tok, 64, "error")
+    els, _ = rm_data.build_elements([e], settings(annotators="each"), tok, 64, "error")
     assert sorted((c.winner, c.loser) for c in els[0].comparisons) == [(0, 1), (0, 1), (1, 0)]
 
 
 def test_dawid_skene_aggregation_runs_through_the_data_toolkit(tok):
     examples = load_examples("builtin:pairs:train:200")
-    els, stats = rm.build_elements(examples, settings(aggregation="dawid_skene"), tok, 64, "error")
+    els, stats = rm_data.build_elements(examples, settings(aggregation="dawid_skene"), tok, 64, "error")
     assert stats["pairs"] + stats.get("tie_pairs", 0) <= 200 and stats["pairs"] > 150
     assert all(len(el.comparisons) == 1 for el in els)  # one judgement per pair of answers
 
 
 def test_answers_nobody_compared_are_not_scored_in_training(tok):
     e = ex(A3, [{"kind": "pairwise", "chosen": 0, "rejected": 1}], meta={"gold": [1.0, 0.0, -1.0]})
-    (train,), _ = rm.build_elements([e], settings(), tok, 64, "error")
-    (held_out,), _ = rm.build_elements([e], settings(), tok, 64, "error", evaluation=True)
+    (train,), _ = rm_data.build_elements([e], settings(), tok, 64, "error")
+    (held_out,), _ = rm_data.build_elements([e], settings(), tok, 64, "error", evaluation=True)
     assert train.sequences[2] == [] and held_out.sequences[2]  # evaluation scores it for gold pairs
-    assert rm.collate_elements([train], 0, 1)["input_ids"].shape[0] == 2
+    assert rm_data.collate_elements([train], 0, 1)["input_ids"].shape[0] == 2
 
 
 def test_ranking_gives_all_pairs_in_one_element(tok):
     e = ex(A3, [{"kind": "ranking", "order": [2, 0, 1], "annotator": "a"}])
-    els, stats = rm.build_elements([e], settings(), tok, 64, "error")
+    els, stats = rm_data.build_elements([e], settings(), tok, 64, "error")
     assert len(els) == 1 and len(els[0].sequences) == 3
     assert [(c.winner, c.loser) for c in els[0].comparisons] == [(2, 0), (2, 1), (0, 1)]
-    els, _ = rm.build_elements([e], settings(rankings="plackett_luce"), tok, 64, "error")
+    els, _ = rm_data.build_elements([e], settings(rankings="plackett_luce"), tok, 64, "error")
     assert els[0].rankings == [([2, 0, 1], 0)] and not els[0].comparisons
 
 
@@ -170,7 +175,7 @@ def prepare(tmp_path, rows, **rm_settings):
                                          "rm": rm_settings, "output_dir": str(tmp_path / "out")})
     from alignkit.modeling import load_tokenizer
 
-    return rm.prepare_rm_data(cfg, load_tokenizer(cfg.model)), path
+    return rm_data.prepare_rm_data(cfg, load_tokenizer(cfg.model)), path
 
 
 ROW = {"prompt": "review the pizza", "answers": ["the pizza was great .", "the pizza was bad ."]}
@@ -225,9 +230,9 @@ def test_score_read_at_last_non_pad_token_and_padding_invariant(tiny_model_dir, 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).eval()
     model.config.pad_token_id = tok.pad_token_id
     assert tok.pad_token_id != tok.eos_token_id  # the built-in tokenizer: HF's pooling is unambiguous
-    seqs = rm.encode_texts(tok, ["review the pizza", "how was the hotel"],
+    seqs = encode_texts(tok, ["review the pizza", "how was the hotel"],
                            ["the pizza was great .", "the room was bad and the staff was really rude ."])
-    batched = rm.score_sequences(model, seqs, tok.pad_token_id, batch_size=2)
+    batched = rewards.score_sequences(model, seqs, tok.pad_token_id, batch_size=2)
     with torch.no_grad():
         for i, s in enumerate(seqs):
             hidden = model.model(input_ids=torch.tensor([s])).last_hidden_state  # (1, T, H)
@@ -243,9 +248,9 @@ def test_pad_equal_to_eos_still_agrees_with_hf_pooling(tiny_model_dir, tok):
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
     model.config.pad_token_id = tok.eos_token_id
-    seqs = rm.encode_texts(tok, ["review the pizza", "describe the song"],
+    seqs = encode_texts(tok, ["review the pizza", "describe the song"],
                            ["the pizza was great .", "the song was dull but the sound was nice ."])
-    batched = rm.score_sequences(model, seqs, tok.eos_token_id, batch_size=2)
+    batched = rewards.score_sequences(model, seqs, tok.eos_token_id, batch_size=2)
     with torch.no_grad():
         for i, s in enumerate(seqs):
             hidden = model.model(input_ids=torch.tensor([s])).last_hidden_state
@@ -260,7 +265,7 @@ def test_pack_layout_prompt_once_tree_mask_positions_and_read_index():
     els = [element(2, [(0, 1, 0.0, 0, False, "none")]), element(1, [])]
     els[0].sequences = [[5, 6, 7, 2], [5, 6, 8, 2]]
     els[1].sequences = [[5, 9, 2]]
-    b = rm.pack_elements(els, pad_token_id=0, num_aspects=1, row_length=16, min_row_length=16)
+    b = rm_data.pack_elements(els, pad_token_id=0, num_aspects=1, row_length=16, min_row_length=16)
     assert b["input_ids"].tolist() == [[5, 6, 7, 2, 8, 2, 5, 9, 2]]  # the prompt [5, 6] once
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 0, 1, 2]]  # answer 2 continues from the prompt
     assert b["read_index"].tolist() == [3, 5, 8]  # each answer's EOS, in collate_elements' flat order
@@ -270,16 +275,16 @@ def test_pack_layout_prompt_once_tree_mask_positions_and_read_index():
     assert torch.nonzero(m[3]).flatten().tolist() == [0, 1, 2, 3]
     assert torch.nonzero(m[7]).flatten().tolist() == [6, 7]  # element 1 sees nothing of element 0
     # Comparisons index the same flat answers as the padded batch.
-    padded = rm.collate_elements(els, pad_token_id=0, num_aspects=1)
+    padded = rm_data.collate_elements(els, pad_token_id=0, num_aspects=1)
     for key in ("winners", "losers", "group", "num_groups"):
         assert torch.equal(b[key], padded[key])
     # Identical answers (e.g. after truncation) keep their last token apart; pad = eos reads before it.
     els[0].sequences = [[5, 6, 2], [5, 6, 2]]
-    b = rm.pack_elements(els[:1], pad_token_id=2, num_aspects=1, row_length=16, min_row_length=0)
+    b = rm_data.pack_elements(els[:1], pad_token_id=2, num_aspects=1, row_length=16, min_row_length=0)
     assert b["input_ids"].tolist() == [[5, 6, 2, 2]] and b["read_index"].tolist() == [1, 1]
     # Rows hold at most row_length tokens: two units of 6 and 3 tokens with row_length 6 -> two rows.
     els[0].sequences = [[5, 6, 7, 2], [5, 6, 8, 2]]
-    b = rm.pack_elements(els, pad_token_id=0, num_aspects=1, row_length=6)
+    b = rm_data.pack_elements(els, pad_token_id=0, num_aspects=1, row_length=6)
     assert b["input_ids"].tolist() == [[5, 6, 7, 2, 8, 2], [5, 9, 2, 0, 0, 0]]
 
 
@@ -299,21 +304,22 @@ def test_packed_rewards_and_gradients_equal_padded_and_hf(tiny_model_dir, tok, k
         for n, p in model.named_parameters():
             if p.requires_grad and ("score" in n or "lora" in n):
                 p.add_(torch.randn_like(p) * 0.1)
-    assert rm.packable(model)
-    els, _ = rm.build_elements(load_examples(f"builtin:{kind}:train:12"), settings(), tok, 64, "error")
-    fwd = rm.RewardForward(model)
-    padded = rm.collate_elements(els, pad, 2)
-    hf = rm.score_sequences(model, [s for el in els for s in el.sequences if s], pad)  # the saved model's pooling
+    assert backbone_and_head(model) is not None
+    els, _ = rm_data.build_elements(load_examples(f"builtin:{kind}:train:12"), settings(), tok, 64, "error")
+    fwd = rm.RewardForward(model, pad)
+    padded = rm_data.collate_elements(els, pad, 2)
+    with torch.no_grad():  # HF's own forward and pooling, one unpadded sequence at a time (the saved model's)
+        hf = torch.cat([model(input_ids=torch.tensor([s])).logits for el in els for s in el.sequences if s])
     results = []
-    for batch in [padded] + [rm.pack_elements(els, pad, 2, n, share) for n, share in ((64, True), (40, False))]:
+    for batch in [padded] + [rm_data.pack_elements(els, pad, 2, n, share) for n, share in ((64, True), (40, False))]:
         model.zero_grad()
-        rewards = fwd(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("read_index"))
-        rm.rm_loss_terms(rewards, batch).group_loss_sum.backward()
+        scores = fwd(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), batch.get("read_index"))
+        rm.rm_loss_terms(scores, batch).group_loss_sum.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-        results.append((rewards.detach(), grads))
+        results.append((scores.detach(), grads))
     assert results[1][0].shape == (sum(len([s for s in el.sequences if s]) for el in els), 2)
-    for rewards, grads in results:
-        torch.testing.assert_close(rewards, hf, atol=1e-5, rtol=1e-5)
+    for scores, grads in results:
+        torch.testing.assert_close(scores, hf, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grads, results[0][1], atol=1e-5, rtol=1e-4)
 
 
@@ -386,21 +392,21 @@ def test_saved_model_round_trips_through_hf_with_normalisation(trained, tok):
     answers = [a for e in examples for a in e.answers]
     with torch.no_grad():
         hf_scores = torch.stack([hf(input_ids=torch.tensor([s])).logits[0]
-                                 for s in rm.encode_texts(hf_tok, prompts, answers)])
+                                 for s in encode_texts(hf_tok, prompts, answers)])
     # ... equals alignkit's batched scoring of the loaded model.
-    model, tokenizer, loaded_info = rm.load_reward_model(final)
-    ours = rm.score_texts(model, tokenizer, prompts, answers, batch_size=8)
+    model, tokenizer, loaded_info = rewards.load_reward_model(final)
+    ours = rewards.score_texts(model, tokenizer, prompts, answers, batch_size=8)
     torch.testing.assert_close(ours, hf_scores, atol=1e-5, rtol=1e-5)
     # rm-eval on the saved model reproduces the metrics computed in memory at the end of training.
-    ev = rm.rm_eval(final, ["builtin:pairs:eval:128"])
+    ev = rm_eval.rm_eval(final, ["builtin:pairs:eval:128"])
     assert ev["mean_margin"] == pytest.approx(summary["eval"]["mean_margin"], abs=1e-5)
     assert ev["gold_accuracy"] == pytest.approx(summary["eval"]["gold_accuracy"])
     # Normalisation: the reference demonstrations score mean 0, std 1.
     ref = load_examples("builtin:sft:train:64")
-    z = rm.normalize(rm.score_texts(model, tokenizer, [e.prompt for e in ref], [e.answers[0] for e in ref]),
+    z = rewards.normalize(rewards.score_texts(model, tokenizer, [e.prompt for e in ref], [e.answers[0] for e in ref]),
                      loaded_info)
     assert z.mean().item() == pytest.approx(0.0, abs=1e-4) and z.std().item() == pytest.approx(1.0, abs=1e-4)
-    torch.testing.assert_close(rm.combined_reward(ours, loaded_info), rm.normalize(ours, loaded_info)[:, 0])
+    torch.testing.assert_close(rewards.combined_reward(ours, loaded_info), rewards.normalize(ours, loaded_info)[:, 0])
 
 
 def test_rm_eval_command(trained, capsys):
@@ -432,22 +438,22 @@ def test_lora_adapter_merged_and_in_memory_scores_are_identical(tmp_path, tiny_m
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     assert any("modules_to_save" in n and "score" in n for n, p in model.named_parameters() if p.requires_grad)
-    seqs = rm.encode_texts(tok, ["review the pizza"] * 3,
+    seqs = encode_texts(tok, ["review the pizza"] * 3,
                            ["the pizza was great .", "the staff was rude .", "you are dumb and the pizza was bad ."])
-    in_memory = rm.score_sequences(model, seqs, tok.pad_token_id)
+    in_memory = rewards.score_sequences(model, seqs, tok.pad_token_id)
     info = {"aspects": ["helpfulness", "harmlessness"], "weights": [1.0, 0.5], "offset": [0.1, -0.2],
             "scale": [2.0, 1.0]}
     rm.save_reward_model(model, tok, cfg, info)
 
-    adapter, _, adapter_info = rm.load_reward_model(str(tmp_path / "final_adapter"))
+    adapter, _, adapter_info = rewards.load_reward_model(str(tmp_path / "final_adapter"))
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
     assert merged.config.alignkit_reward == info == adapter_info and merged.config.num_labels == 2
-    torch.testing.assert_close(rm.score_sequences(adapter, seqs, tok.pad_token_id), in_memory, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rm.score_sequences(merged, seqs, tok.pad_token_id), in_memory, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rewards.score_sequences(adapter, seqs, tok.pad_token_id), in_memory, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rewards.score_sequences(merged, seqs, tok.pad_token_id), in_memory, atol=1e-5, rtol=1e-5)
     # The head really is trained: a fresh score head would give different scores.
     fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).eval()
     fresh.config.pad_token_id = tok.pad_token_id
-    assert not torch.allclose(rm.score_sequences(fresh, seqs, tok.pad_token_id), in_memory, atol=1e-3)
+    assert not torch.allclose(rewards.score_sequences(fresh, seqs, tok.pad_token_id), in_memory, atol=1e-3)
 
 
 def test_lora_training_run_saves_adapter_and_merged(tmp_path):
@@ -456,10 +462,10 @@ def test_lora_training_run_saves_adapter_and_merged(tmp_path):
         "train.max_steps=3", "train.per_device_batch_size=8", "train.mixed_precision=no", "log.progress=false",
         "model.lora.enabled=true", "model.lora.r=4", "rm.normalize_on=[builtin:sft:train:16]"])
     rm.train_rm(cfg)
-    a, tok_a, _ = rm.load_reward_model(str(tmp_path / "final_adapter"))
-    m, tok_m, info = rm.load_reward_model(str(tmp_path / "final"))
+    a, tok_a, _ = rewards.load_reward_model(str(tmp_path / "final_adapter"))
+    m, tok_m, info = rewards.load_reward_model(str(tmp_path / "final"))
     prompts, answers = ["review the cafe"] * 2, ["the cafe was nice .", "the menu was awful ."]
-    torch.testing.assert_close(rm.score_texts(a, tok_a, prompts, answers), rm.score_texts(m, tok_m, prompts, answers),
+    torch.testing.assert_close(rewards.score_texts(a, tok_a, prompts, answers), rewards.score_texts(m, tok_m, prompts, answers),
                                atol=1e-5, rtol=1e-5)
     assert info["scale"][0] > 0
 
@@ -481,7 +487,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     logged = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert logged == [3, 4], logged
     seqs = [[5, 6, 7, 2], [5, 6, 8, 9, 2]]
-    a, _, info_a = rm.load_reward_model(str(tmp_path / "a" / "final"))
-    b, _, info_b = rm.load_reward_model(str(tmp_path / "b" / "final"))
-    torch.testing.assert_close(rm.score_sequences(b, seqs, 0), rm.score_sequences(a, seqs, 0), atol=1e-5, rtol=1e-5)
+    a, _, info_a = rewards.load_reward_model(str(tmp_path / "a" / "final"))
+    b, _, info_b = rewards.load_reward_model(str(tmp_path / "b" / "final"))
+    torch.testing.assert_close(rewards.score_sequences(b, seqs, 0), rewards.score_sequences(a, seqs, 0), atol=1e-5, rtol=1e-5)
     assert info_a["offset"] == pytest.approx(info_b["offset"], abs=1e-5)

@@ -54,6 +54,6 @@ def _builtin_data(args) -> int:
 
 
 def _rm_eval(args) -> int:
-    from alignkit.rm import run_rm_eval
+    from alignkit.rm_eval import run_rm_eval
 
     return run_rm_eval(args)

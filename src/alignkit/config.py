@@ -32,6 +32,11 @@ class LoraSettings:
     merge_on_save: bool = False
 
 
+# transformers' attention implementations; packing (a 4D mask per row) needs one of PACKING_ATTENTION.
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+PACKING_ATTENTION = ("sdpa", "eager")
+
+
 @dataclass
 class ModelConfig:
     # A Hub id, a local directory, or builtin:tiny / builtin:small (built offline on first use).
@@ -56,6 +61,9 @@ class ModelConfig:
             raise ConfigError(f"model.dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.load_in_8bit and self.load_in_4bit:
             raise ConfigError("model.load_in_8bit and model.load_in_4bit: choose one")
+        if self.attn_implementation not in ATTENTION and "/" not in self.attn_implementation:
+            raise ConfigError(f"model.attn_implementation: must be one of {list(ATTENTION)} (or a Hub kernel "
+                              f"'org/name'), got {self.attn_implementation!r}")
 
 
 @dataclass
@@ -131,6 +139,14 @@ class LogConfig:
         bad = [t for t in self.trackers if t not in ("wandb", "tensorboard", "jsonl")]
         if bad:
             raise ConfigError(f"log.trackers: unknown tracker(s) {bad}; choose from wandb, tensorboard")
+
+
+def check_packing(model: ModelConfig, data: DataConfig) -> None:
+    """Packed examples are isolated by a 4D mask, which only some attention implementations take."""
+    if data.packing and model.attn_implementation not in PACKING_ATTENTION:
+        raise ConfigError(f"data.packing: model.attn_implementation={model.attn_implementation} cannot isolate "
+                          f"packed examples (it takes no 4D mask); use {' or '.join(PACKING_ATTENTION)}, "
+                          "or set data.packing=false")
 
 
 def _to_plain(obj) -> Any:

@@ -145,6 +145,32 @@ def plan_steps(num_items: int, accelerator, train: TrainConfig) -> tuple[int, in
     return steps_per_epoch, total
 
 
+def micro_batch_groups(accelerator, loader, step: int, accum: int):
+    """Yield (epoch, [``accum`` micro-batches]) for each optimizer step from ``step`` on.
+
+    The micro-batches form one stream over epochs (a seeded order per epoch, ``loader.set_epoch``),
+    and an accumulation group may straddle an epoch's end when the epoch's micro-batches are not
+    a multiple of ``accum``. A run resumed at ``step`` re-enters the stream at micro-batch
+    ``step * accum``, so it trains on exactly the batches of the uninterrupted run.
+    """
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise TrainingError("the training data gives no micro-batch on this process")
+    epoch, skip = divmod(step * accum, per_epoch)
+
+    def stream(epoch, skip):
+        while True:
+            loader.set_epoch(epoch)
+            for mb in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                yield epoch, mb
+            epoch, skip = epoch + 1, 0
+
+    micro = stream(epoch, skip)
+    while True:
+        group = [next(micro) for _ in range(accum)]
+        yield group[-1][0], [mb for _, mb in group]
+
+
 def start_run(accelerator, cfg, models: dict, optimizers: dict, schedulers: dict) -> tuple[int, dict, "MetricsLogger"]:
     """Resume from the last checkpoint when ``cfg.train.resume``; save the config; open trackers and
     metrics.jsonl. Returns (step, checkpoint state, logger)."""

@@ -189,6 +189,16 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     raise ValueError(f"unknown KL estimator {estimator!r}, expected 'k1' or 'k3'")
 
 
+def sequence_kl(logprobs, ref_logprobs, response_mask, estimator="k1"):
+    """KL per response: the per-token estimate summed over response tokens. (B, T) x3 -> (B,).
+
+    The one per-response KL sum of every stage: PPO's objective/kl and held-out eval/kl, the
+    report's KL to the SFT policy. Padding and tokens after the stop token count 0.
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, estimator)
+    return torch.where(response_mask.bool(), kl, torch.zeros_like(kl)).sum(-1)
+
+
 def per_token_rewards(scores, kl, kl_coef, response_mask):
     """Reward for each response token: `-kl_coef * kl_t`, plus the score on the last real token.
 

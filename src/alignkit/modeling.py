@@ -4,8 +4,6 @@ the same ``from_pretrained`` path; LoRA via peft; 8-/4-bit via bitsandbytes."""
 from __future__ import annotations
 
 import os
-import re
-from contextlib import contextmanager
 
 import torch
 
@@ -217,172 +215,70 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-# ----------------------------------------------------------------------------- one frozen base, several adapters
+def same_vocab(tok_a, tok_b) -> bool:
+    return tok_a.get_vocab() == tok_b.get_vocab()
 
 
-def is_adapter_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json"))
+def check_reference_vocab(policy_tok, policy_model, ref_path: str, cfg: ModelConfig, what: str = "ppo.reference") -> None:
+    """A reference with a different vocabulary makes per-token log-ratios (KL, DPO) meaningless: refuse it."""
+    from transformers import AutoConfig, AutoTokenizer
 
-
-def adapter_base(adapter_dir: str) -> str:
-    """The resolved base model folder (or Hub id) a LoRA adapter folder was trained on."""
-    from peft import PeftConfig
-
-    return resolve_path(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path)
-
-
-def same_model_path(a: str, b: str) -> bool:
-    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-
-
-@contextmanager
-def use_adapter(peft_model, name: str):
-    """Run with adapter ``name`` active, leaving every parameter's ``requires_grad`` as it was.
-
-    peft's ``set_adapter`` makes the active adapter trainable and freezes the others (and
-    ``disable_adapter`` freezes them all); with several adapters on one base (a trainable
-    policy and value, a frozen reward) that is wrong both ways, so the flags are put back
-    right after each switch. :func:`adapters_off` is the same for "no adapter".
-    """
-    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
-    previous = peft_model.active_adapter
-
-    def switch(adapter):
-        peft_model.set_adapter(adapter)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-    switch(name)
+    path = resolve_path(ref_path)
     try:
-        yield
-    finally:
-        switch(previous)
-
-
-@contextmanager
-def adapters_off(peft_model):
-    """The base model alone (e.g. the PPO reference), every ``requires_grad`` flag kept as it was."""
-    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+        ref_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{what} {ref_path}: cannot read its config ({e})") from None
+    n_policy = policy_model.get_input_embeddings().weight.shape[0]
+    if getattr(ref_cfg, "vocab_size", n_policy) != n_policy:
+        raise ModelLoadError(f"{what} {ref_path}: vocabulary of {ref_cfg.vocab_size} tokens, "
+                             f"the policy has {n_policy}; the reference must share the policy's tokenizer")
     try:
-        with peft_model.disable_adapter():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        ref_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return  # no tokenizer saved with the reference: the embedding size check above is all we have
+    if not same_vocab(ref_tok, policy_tok):
+        raise ModelLoadError(f"{what} {ref_path}: its tokenizer's vocabulary differs from the policy's "
+                             f"({len(ref_tok)} vs {len(policy_tok)} tokens); the reference must share the policy's "
+                             "tokenizer")
 
 
-class AdapterHead(torch.nn.Module):
-    """A linear head on the hidden states of one named LoRA adapter of a shared peft model: (B, L, out).
+# ----------------------------------------------------------------------------- score heads on a decoder
 
-    The base weights exist once; each AdapterHead is a view of that network with its own
-    adapter switched on (the adapter tensors live in the peft model, only ``head`` is this
-    module's own). alignkit's low-memory PPO puts the value and reward models on the policy's base.
+
+def backbone_and_head(model):
+    """(backbone, head) of a decoder-style sequence-classification model, or None for others.
+
+    Decoder reward and value models (Llama, GPT-2, Qwen, ...) apply a ``score`` linear head to
+    every token's last hidden state; encoder models pool their own way and give None.
     """
-
-    def __init__(self, peft_model, adapter: str, head: torch.nn.Linear):
-        super().__init__()
-        self.adapter, self.head = adapter, head
-        self._peft = [peft_model]  # a list, so torch does not register the shared model as a submodule
-
-    @property
-    def peft_model(self):
-        return self._peft[0]
-
-    def forward(self, input_ids, attention_mask, position_ids=None):
-        peft_model = self.peft_model
-        hf = peft_model.get_base_model()
-        backbone = getattr(hf, hf.base_model_prefix)
-        # The backbone runs in eval mode here: no dropout, and no gradient checkpointing, whose layers
-        # would be recomputed in backward under whichever adapter is active *then* (the policy's).
-        training = backbone.training
-        backbone.train(False)
-        try:
-            with use_adapter(peft_model, self.adapter):
-                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state
-        finally:
-            backbone.train(training)
-        return self.head(hidden.to(self.head.weight.dtype))
+    hf = model.get_base_model() if is_peft(model) else model
+    backbone = getattr(hf, getattr(hf, "base_model_prefix", "model"), None)
+    head = getattr(hf, "score", None)
+    if not isinstance(backbone, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return None
+    return backbone, head
 
 
-def _adapter_path(adapter: str):
-    return re.compile(rf"(\.lora_\w+\.){re.escape(adapter)}(?=\.|$)")
+def head_outputs(model, input_ids, attention_mask, position_ids=None, read_index=None) -> torch.Tensor:
+    """A score head over a decoder's last hidden states: the one backbone-to-head path.
 
-
-def adapter_tensor(param_name: str, adapter: str) -> bool:
-    """Whether ``param_name`` is one of LoRA adapter ``adapter``'s tensors (``...lora_A.<adapter>.weight``),
-    not a base weight that merely has the adapter's name in its path (e.g. an ``attention.value`` layer)."""
-    return _adapter_path(adapter).search(param_name) is not None
-
-
-def copy_adapter(peft_model, source: str, name: str) -> None:
-    """Add adapter ``name`` to ``peft_model`` as a trainable copy of adapter ``source`` (config and weights)."""
-    import dataclasses
-
-    peft_model.add_adapter(name, dataclasses.replace(peft_model.peft_config[source], inference_mode=False))
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for n, p in params.items():
-            if adapter_tensor(n, name):
-                p.copy_(params[_adapter_path(name).sub(rf"\g<1>{source}", n)])
-                p.requires_grad_(True)
-
-
-def load_adapter_classifier(adapter_dir: str, num_labels: int, pad_token_id: int | None, dtype: str = "float32",
-                            trust_remote_code: bool = False):
-    """A sequence-classification LoRA adapter folder on a fresh copy of its base -> PeftModel."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    base = AutoModelForSequenceClassification.from_pretrained(adapter_base(adapter_dir), num_labels=num_labels,
-                                                              dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    base.config.pad_token_id = pad_token_id
-    return PeftModel.from_pretrained(base, adapter_dir)
-
-
-def read_adapter_head(adapter_dir: str) -> tuple[dict, dict]:
-    """(LoRA tensors, score-head tensors) of a sequence-classification adapter folder saved by peft."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.exists(path):
-        raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors (alignkit loads adapters from "
-                             "safetensors only)")
-    state = load_file(path)
-    head = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.rsplit(".", 2)[-2] == "score"}
-    lora = {k: v for k, v in state.items() if k.rsplit(".", 2)[-2] != "score"}
-    if "weight" not in head:
-        raise ModelLoadError(f"{adapter_dir}: the adapter has no 'score' head (save a reward model's LoRA with "
-                             "modules_to_save=['score'])")
-    return lora, head
-
-
-def attach_adapter_head(peft_model, adapter_dir: str, name: str, trainable: bool = False) -> AdapterHead:
-    """Load a sequence-classification LoRA adapter (its LoRA tensors and score head) from ``adapter_dir``
-    onto ``peft_model``'s base as adapter ``name``; frozen unless ``trainable``."""
-    from peft import LoraConfig, TaskType
-    from peft.utils import set_peft_model_state_dict
-
-    lora_state, head_state = read_adapter_head(adapter_dir)
-    config = LoraConfig.from_pretrained(adapter_dir)
-    config.task_type, config.modules_to_save, config.inference_mode = TaskType.CAUSAL_LM, None, False
-    peft_model.add_adapter(name, config)
-    result = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
-    missing = [k for k in result.missing_keys if adapter_tensor(k, name)]
-    if result.unexpected_keys or missing:
-        peft_model.delete_adapter(name)
-        raise ModelLoadError(f"{adapter_dir}: its LoRA weights do not fit the policy's base "
-                             f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})")
-    for n, p in peft_model.named_parameters():
-        if adapter_tensor(n, name):
-            p.requires_grad_(trainable)
-    weight = head_state["weight"]
-    device = peft_model.get_input_embeddings().weight.device
-    # fp32 head whatever the base's precision: hidden states are cast to it (a few KB of weights).
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_state, device=device)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        if "bias" in head_state:
-            head.bias.copy_(head_state["bias"])
-    head.requires_grad_(trainable)
-    return AdapterHead(peft_model, name, head)
+    ``model`` is a sequence-classification model (see :func:`backbone_and_head`) or an
+    ``alignkit.adapters.AdapterHead`` (an adapter + head on a shared base). Returns (B, L, out)
+    per token (value models), or (N, out) at ``read_index``: flat indices into the B * L
+    tokens (reward models read one token per sequence; packed rows several per row).
+    The head is per token, so this equals the model's own forward followed by its pooling.
+    """
+    if hasattr(model, "hidden_states"):  # AdapterHead
+        hidden, head = model.hidden_states(input_ids, attention_mask, position_ids), model.head
+    else:
+        parts = backbone_and_head(model)
+        if parts is None:
+            raise ModelLoadError(f"{type(model).__name__}: needs a decoder-style sequence-classification model "
+                                 "with a 'score' head")
+        backbone, head = parts
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+    if read_index is not None:
+        hidden = hidden.flatten(0, 1)[read_index]
+    weight = getattr(head, "weight", None)
+    return head(hidden.to(weight.dtype) if weight is not None and weight.is_floating_point() else hidden)

@@ -20,10 +20,15 @@ from typing import List
 
 import torch
 
-from alignkit.config import ConfigError, DataConfig, save_config
-from alignkit.ppo import PPOConfig
-from alignkit.rm import RMConfig
-from alignkit.sft import SFTConfig
+from alignkit.config import ConfigError, DataConfig, ModelConfig, save_config
+from alignkit.losses import sequence_kl
+from alignkit.modeling import disable_dropout, load_tokenizer, merge_lora
+from alignkit.plots import plot_report
+from alignkit.ppo import PPOConfig, train_ppo
+from alignkit.rewards import RewardSourceConfig, build_reward
+from alignkit.rm import RMConfig, train_rm
+from alignkit.rollout import load_prompts, rollout
+from alignkit.sft import SFTConfig, train_sft
 
 STAGE_ORDER = ("sft", "rm", "ppo", "report")
 
@@ -81,10 +86,6 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    from alignkit.ppo import train_ppo
-    from alignkit.rm import train_rm
-    from alignkit.sft import train_sft
-
     cfg = wire(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -121,8 +122,6 @@ def load_policy(path: str):
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM
 
-        from alignkit.modeling import merge_lora
-
         model = merge_lora(AutoPeftModelForCausalLM.from_pretrained(path))
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -133,10 +132,6 @@ def load_policy(path: str):
 @torch.no_grad()
 def compare_policies(sft_path: str, ppo_path: str, rm_path: str | None, cfg: PipelineConfig) -> dict:
     """Sample both policies on the same held-out prompts; return per-response arrays."""
-    from alignkit.config import ModelConfig
-    from alignkit.modeling import disable_dropout, load_tokenizer
-    from alignkit.ppo import load_prompts, rollout
-    from alignkit.rewards import RewardSourceConfig, build_reward
 
     tok = load_tokenizer(ModelConfig(name_or_path=sft_path), padding_side="left")
     data = DataConfig(train_files=cfg.report.prompts, max_length=cfg.ppo.data.max_length, truncation="truncate",
@@ -153,14 +148,13 @@ def compare_policies(sft_path: str, ppo_path: str, rm_path: str | None, cfg: Pip
     out = {}
     for name, policy in (("sft", sft), ("ppo", ppo_policy)):
         torch.manual_seed(cfg.report.seed)
-        r = rollout(policy, sft, gold_only, prompts, tok, settings, chunk, torch.device("cpu"), with_gold=True)
-        mask = r["response_mask"]
-        kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], torch.zeros_like(r["logprobs"])).sum(-1)
-        prompt_values = [p.example.prompt for p in prompts]
-        rec = {"gold": r["gold"], "kl": kl, "length": mask.sum(-1).float(), "eos": r["ended"].float(),
-               "texts": r["texts"], "prompts": prompt_values}
+        r = rollout(policy, sft, gold_only, prompts, tok, settings.response_length, settings.temperature, chunk,
+                    torch.device("cpu"), with_gold=True)
+        rec = {"gold": r.gold, "kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask),
+               "length": r.response_mask.sum(-1).float(), "eos": r.ended.float(), "texts": r.texts,
+               "prompts": r.prompts}
         if learned is not None:
-            rec["learned"] = learned(prompt_values, r["texts"], r["ended"].tolist()).float().cpu()
+            rec["learned"] = learned(r.prompts, r.texts, r.ended.tolist()).float().cpu()
         out[name] = rec
     return out
 
@@ -204,52 +198,3 @@ def write_report(cfg: PipelineConfig) -> dict:
         json.dump(rep, f, indent=2)
     plot_report(records, rep, os.path.join(cfg.output_dir, "report.png"), paths["ppo"])
     return rep
-
-
-def plot_report(records: dict, rep: dict, path: str, ppo_dir: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from alignkit.engine import read_metrics
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    ax = axes[0, 0]
-    bins = torch.linspace(min(records["sft"]["gold"].min(), records["ppo"]["gold"].min()).item(),
-                          max(records["sft"]["gold"].max(), records["ppo"]["gold"].max()).item(), 30).tolist()
-    for name, color in (("sft", "tab:gray"), ("ppo", "tab:blue")):
-        ax.hist(records[name]["gold"].tolist(), bins=bins, alpha=0.6, color=color,
-                label=f"{name.upper()} mean {rep[name]['gold_reward']:.2f}")
-    ax.set_title(f"Gold reward on held-out prompts (PPO wins {rep['ppo_win_rate_vs_sft']:.0%})")
-    ax.legend()
-    ax = axes[0, 1]
-    if "learned" in records["sft"]:
-        for name, color in (("sft", "tab:gray"), ("ppo", "tab:blue")):
-            ax.hist(records[name]["learned"].tolist(), bins=30, alpha=0.6, color=color, label=name.upper())
-        ax.set_title("Learned (reward model) reward")
-        ax.legend()
-    ax = axes[1, 0]
-    names = ["KL to SFT (nats)", "response length", "EOS share"]
-    x = torch.arange(len(names)).float()
-    ax.bar((x - 0.2).tolist(), [rep["sft"]["kl_to_sft"], rep["sft"]["response_length"], rep["sft"]["eos_share"]],
-           width=0.4, color="tab:gray", label="SFT")
-    ax.bar((x + 0.2).tolist(), [rep["ppo"]["kl_to_sft"], rep["ppo"]["response_length"], rep["ppo"]["eos_share"]],
-           width=0.4, color="tab:blue", label="PPO")
-    ax.set_xticks(x.tolist(), names)
-    ax.legend()
-    ax = axes[1, 1]
-    rows = [m for m in read_metrics(ppo_dir) if "eval/gold_reward" in m]
-    if rows:
-        ax.plot([m["step"] for m in rows], [m["eval/gold_reward"] for m in rows], "o-", label="held-out gold reward")
-        if "eval/kl" in rows[0]:
-            ax2 = ax.twinx()
-            ax2.plot([m["step"] for m in rows], [m["eval/kl"] for m in rows], "s--", color="tab:red", label="KL")
-            ax2.set_ylabel("KL to reference (nats)")
-        ax.set_xlabel("PPO update")
-        ax.set_title("PPO training")
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

@@ -31,19 +31,18 @@ reward model too: one base serves policy, reference, value and reward.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 import os
 import resource
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
 from alignkit import engine
+from alignkit.adapters import AdapterHead, SharedBase, save_adapter_head
 from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig
 from alignkit.losses import (
     AdaptiveKLController,
@@ -52,42 +51,30 @@ from alignkit.losses import (
     explained_variance,
     gae_advantages,
     kl_penalty,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
     per_token_rewards,
     policy_loss,
+    sequence_kl,
     value_loss,
 )
 from alignkit.modeling import (
-    AdapterHead,
-    ModelLoadError,
-    adapter_base,
-    adapter_tensor,
-    adapters_off,
-    add_lora,
-    copy_adapter,
+    check_reference_vocab,
     count_parameters,
     disable_dropout,
-    is_adapter_dir,
     is_peft,
     load_model,
     load_tokenizer,
-    merge_lora,
     resolve_path,
     save_model,
 )
-from alignkit.rewards import (
-    ModelReward,
-    RewardSourceConfig,
-    SharedBase,
-    build_reward,
-    read_model_head,
-    reward_model_info,
-    score_head,
-)
-from alignkit.schema import DataError, load_examples, prompts as prompt_view
-from alignkit.tokenization import encode_prompt, fit_length
+from alignkit.plots import plot_metrics
+from alignkit.rewards import RewardSourceConfig, build_reward
+from alignkit.rollout import evaluate, forward_response, load_prompts, prompt_batch, rollout
+from alignkit.schema import DataError, demonstrations, load_examples
+from alignkit.sft import demonstration_batches, mean_token_loss
+from alignkit.tokenization import encode_pairs, sft_rows
+from alignkit.value import load_value_model
 
 
 @dataclass
@@ -197,317 +184,57 @@ class PPOConfig:
             raise ConfigError("ppo.shared_base: needs model.lora.enabled=true (adapters on one frozen base)")
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- training
+
+
+# ----------------------------------------------------------------------------- one PPO minibatch
 
 
 @dataclass
-class Prompt:
-    example: object  # schema.Example: its prompt feeds the reward model as text
-    ids: list  # policy tokens of the chat-templated prompt
+class Minibatch:
+    """What a PPO epoch reads of the rollout: (B, P + R) sequence tensors and (B, R) per-response-token ones."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor  # rollout policy log-probs (the ratio's denominator)
+    values: torch.Tensor  # rollout values (the value clip's centre)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "Minibatch":
+        return Minibatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
 
-def load_prompts(files: list[str], tokenizer, data: DataConfig, seed: int, limit: int = 0) -> list[Prompt]:
-    """Prompts for rollouts, validated and tokenized; every problem is reported before training."""
-    examples = prompt_view(load_examples(files, seed=seed))
-    if limit:
-        examples = examples[:limit]
-    if not examples:
-        raise DataError([f"{', '.join(files)}: prompt: no prompts found"])
-    problems, out = [], []
-    for ex in examples:
-        ids = encode_prompt(tokenizer, ex.messages)
-        # The answer is generated later; room is left for nothing but the prompt itself.
-        fitted = fit_length(ids, [], data.max_length, data.truncation, ex.source, problems)
-        if fitted is not None:
-            out.append(Prompt(ex, fitted[0]))
-    if problems:
-        raise DataError([p.replace("answers:", "prompt:") for p in problems])
-    if not out:
-        raise DataError([f"{', '.join(files)}: prompt: every prompt is longer than data.max_length={data.max_length}"])
-    return out
+class StepStats(NamedTuple):
+    """Statistics of one PPO minibatch step (logged averaged over the update)."""
+
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    value_clipfrac: torch.Tensor
+    entropy: torch.Tensor
+
+    def metrics(self) -> dict:
+        return {"loss/policy": self.policy_loss, "loss/value": self.value_loss, "policy/clipfrac": self.clipfrac,
+                "policy/approx_kl": self.approx_kl, "value/clipfrac": self.value_clipfrac,
+                "policy/entropy": self.entropy}
 
 
-def prompt_batch(prompts: list[Prompt], update: int, batch_size: int, rank: int, world: int, seed: int):
-    """This process's prompts for PPO update ``update``: a seeded permutation per pass over the data."""
-    per_update = batch_size * world
-    per_epoch = max(1, len(prompts) // per_update)
-    epoch, k = divmod(update, per_epoch)
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(len(prompts), generator=g).tolist()
-    if len(order) < per_update:  # fewer prompts than a batch: repeat them
-        order = (order * math.ceil(per_update / len(order)))[:per_update]
-    start = k * per_update + rank * batch_size
-    return [prompts[i] for i in order[start:start + batch_size]], epoch
-
-
-def left_pad(seqs: list[list[int]], pad_id: int):
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = torch.tensor(s)
-        mask[i, length - len(s):] = 1
-    return ids, mask
-
-
-# ----------------------------------------------------------------------------- models
-
-
-class ValueModel(torch.nn.Module):
-    """Per-token values (B, L) from a sequence-classification model: its score head read at every token.
-
-    Saved as an ordinary HF sequence-classification model with one output, so
-    ``AutoModelForSequenceClassification.from_pretrained(output_dir/final_value)`` loads it.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        parts = score_head(self.model)
-        if parts is None:
-            raise ModelLoadError("value model: needs a decoder-style sequence-classification model with a 'score' head")
-        backbone, head = parts
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-        return head(hidden).squeeze(-1).float()
-
-
-def value_head_from_reward(old: torch.nn.Linear, info: dict | None, weights_override=None) -> torch.nn.Linear:
-    """One-output head equal to the reward head ``old``'s aspect combination: sum_k w_k / scale_k * W_k.
-
-    InstructGPT initialises the value function from the reward model. The offset (and a
-    head bias) is dropped: GAE only needs values up to learning.
-    """
-    weight = old.weight.detach().float()
-    if info is not None:
-        w = torch.tensor(weights_override or info["weights"], dtype=torch.float32)
-        s = torch.tensor(info["scale"], dtype=torch.float32)
-        weight = ((w / s)[:, None] * weight).sum(0, keepdim=True)
-    elif weight.shape[0] != 1:
-        w = torch.tensor(weights_override or [1.0] * weight.shape[0], dtype=torch.float32)
-        weight = (w[:, None] * weight).sum(0, keepdim=True)
-    head = torch.nn.Linear(weight.shape[1], 1, bias=False, dtype=old.weight.dtype, device=old.weight.device)
-    with torch.no_grad():
-        head.weight.copy_(weight.to(head.weight.dtype))
-    return head
-
-
-def same_vocab(tok_a, tok_b) -> bool:
-    return tok_a.get_vocab() == tok_b.get_vocab()
-
-
-def load_value_model(cfg: PPOConfig, tokenizer, policy_path: str, reward, policy=None) -> tuple[ValueModel, str]:
-    """The value model: from the reward model (InstructGPT), the policy, or a folder."""
-    choice = cfg.ppo.value_init
-    rm = None
-    if choice in ("auto", "reward"):
-        # A value model reads the policy's tokens, so only a reward model with the same vocabulary fits.
-        rm = next((m.cfg for m in reward.models if same_vocab(m.tokenizer, tokenizer)
-                   and score_head(m.model) is not None), None)
-        if rm is None and choice == "reward" and not cfg.ppo.shared_base:
-            raise ConfigError("ppo.value_init=reward: no reward-model source shares the policy's tokenizer "
-                              "(use ppo.value_init=policy)")
-    if rm is not None:
-        src, note = rm.name_or_path, f"reward model {rm.name_or_path}"
-        info = reward_model_info(src)
-        n_labels = read_model_head(resolve_path(src), rm, src)[1]
-        weights = list(rm.aspect_weights) or None
-    else:
-        src = policy_path if choice in ("auto", "reward", "policy") else choice
-        note = "policy" if src == policy_path else src
-        info, n_labels, weights = None, 1, None
-    if cfg.ppo.shared_base:
-        if choice not in ("auto", "reward", "policy"):
-            raise ConfigError(f"ppo.value_init={choice} with ppo.shared_base: the value model is an adapter on the "
-                              "policy's base, not a separate folder; use auto, reward or policy")
-        shared_rm = next((m for m in reward.models if m.shared), None) if choice in ("auto", "reward") else None
-        if shared_rm is None and choice == "reward":
-            raise ConfigError("ppo.value_init=reward with ppo.shared_base: the reward model must be a LoRA adapter "
-                              "of the policy's base (train it with model.lora.enabled and use its final_adapter/), "
-                              "or set ppo.value_init=policy")
-        note = (f"copy of reward adapter {shared_rm.name} (shared base)" if shared_rm is not None
-                else "fresh value adapter, zero head (shared base)")
-        return _shared_value(cfg, policy, shared_rm), note
-    vcfg = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False))
-    adapter = is_adapter_dir(resolve_path(src))
-    model = load_model(vcfg, task="reward", num_labels=n_labels, pad_token_id=tokenizer.pad_token_id,
-                       trainable=False, path=adapter_base(resolve_path(src)) if adapter else src)
-    if adapter:  # a LoRA reward model: its adapter and score head merged into a plain copy of its base
-        from peft import PeftModel
-
-        model = merge_lora(PeftModel.from_pretrained(model, resolve_path(src)))
-    if n_labels != 1 or info is not None:
-        model.score = value_head_from_reward(score_head(model)[1], info, weights)
-    model.config.num_labels = 1
-    if hasattr(model.config, "alignkit_reward"):
-        del model.config.alignkit_reward  # the saved value model must not pass for a reward model
-    model.config.alignkit_value = {"initialised_from": note}
-    if cfg.model.lora.enabled:
-        model = add_lora(model, cfg.model, task="reward")
-    else:
-        model.requires_grad_(True)
-    disable_dropout(model)
-    return ValueModel(model), note
-
-
-class SharedBaseValue(AdapterHead):
-    """Values (B, L) from the policy's own frozen base through a second LoRA adapter ("value") and a head.
-
-    The base weights exist once: the policy (adapter "default"), the reference (adapters
-    off), the value (adapter "value") and, when the reward model is an adapter of the same
-    base, the reward (adapter "reward", frozen) are views of one network.
-    """
-
-    adapter = "value"
-
-    def __init__(self, peft_model, head: torch.nn.Linear):
-        super().__init__(peft_model, self.adapter, head)
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        return super().forward(input_ids, attention_mask, position_ids).squeeze(-1).float()
-
-
-def _shared_value(cfg, policy, rm: ModelReward | None) -> SharedBaseValue:
-    """Value adapter + head on the policy's own base.
-
-    From a reward model that is itself an adapter on this base (InstructGPT: value = reward
-    model): a trainable copy of its adapter, and its aspect combination as the head. Otherwise
-    a fresh adapter and a zero head (values start at 0): a separately loaded reward model's
-    head reads *its* backbone's features, not the shared base's.
-    """
-    from peft import LoraConfig, TaskType
-
-    if rm is not None:
-        copy_adapter(policy, rm.model.adapter, SharedBaseValue.adapter)
-        head = value_head_from_reward(rm.model.head, {"weights": rm.weights.tolist(), "scale": rm.scale.tolist()})
-    else:
-        lora = cfg.model.lora
-        targets = lora.target_modules
-        policy.add_adapter(SharedBaseValue.adapter, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=TaskType.CAUSAL_LM,
-            target_modules=targets[0] if targets == ["all-linear"] else list(targets)))
-        hidden = policy.get_base_model().config.get_text_config().hidden_size
-        head = torch.nn.Linear(hidden, 1, bias=True)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-        for name, p in policy.named_parameters():
-            if adapter_tensor(name, SharedBaseValue.adapter):
-                p.requires_grad_(True)
-    head.requires_grad_(True)
-    return SharedBaseValue(policy, head)
-
-
-def check_reference_vocab(policy_tok, policy_model, ref_path: str, cfg: ModelConfig) -> None:
-    """A reference with a different vocabulary makes per-token KL meaningless: refuse it."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = resolve_path(ref_path)
-    try:
-        ref_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"ppo.reference {ref_path}: cannot read its config ({e})") from None
-    n_policy = policy_model.get_input_embeddings().weight.shape[0]
-    if getattr(ref_cfg, "vocab_size", n_policy) != n_policy:
-        raise ModelLoadError(f"ppo.reference {ref_path}: vocabulary of {ref_cfg.vocab_size} tokens, "
-                             f"the policy has {n_policy}; the reference must share the policy's tokenizer")
-    try:
-        ref_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError):
-        return  # no tokenizer saved with the reference: the embedding size check above is all we have
-    if not same_vocab(ref_tok, policy_tok):
-        raise ModelLoadError(f"ppo.reference {ref_path}: its tokenizer's vocabulary differs from the policy's "
-                             f"({len(ref_tok)} vs {len(policy_tok)} tokens); the reference must share the policy's "
-                             "tokenizer")
-
-
-# ----------------------------------------------------------------------------- rollout pieces
-
-
-@torch.no_grad()
-def sample(model, b_query, b_query_mask, tokenizer, response_length: int, temperature: float):
-    """Sample (B, response_length) tokens from left-padded prompts with the KV cache."""
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=response_length, min_new_tokens=0,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           use_cache=True)
-    out = model.generate(input_ids=b_query, attention_mask=b_query_mask, generation_config=gen)
-    response = out[:, b_query.shape[1]:]
-    if response.shape[1] < response_length:  # every row stopped early
-        pad = response.new_full((response.shape[0], response_length - response.shape[1]), tokenizer.pad_token_id)
-        response = torch.cat([response, pad], dim=1)
-    return response
-
-
-def truncate_after_eos(b_response, eos_id: int, pad_id: int):
-    """Keep each response up to and including its first EOS; mask and pad everything after.
-
-    Returns (response, response_mask (B, R) bool, ended (B,) bool).
-    """
-    is_eos = b_response == eos_id
-    ended = is_eos.any(-1)
-    R = b_response.shape[1]
-    first = torch.where(ended, is_eos.int().argmax(-1), torch.full_like(ended, R, dtype=torch.long))
-    positions = torch.arange(R, device=b_response.device)[None]
-    response_mask = positions <= first[:, None]
-    return torch.where(response_mask, b_response, torch.full_like(b_response, pad_id)), response_mask, ended
-
-
-def sequence_inputs(b_query, b_query_mask, b_response, b_response_mask):
-    """Prompt + response: input ids, attention mask (no left pad, nothing after EOS), positions."""
-    input_ids = torch.cat([b_query, b_response], dim=1)
-    attention_mask = torch.cat([b_query_mask.long(), b_response_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
-
-
-def forward_response(model, input_ids, attention_mask, position_ids, context_length: int, temperature: float):
-    """Policy logits (B, R, V) for the response tokens and their log-probs (B, R) at ``temperature``.
-
-    Only the last R + 1 positions go through the LM head (``logits_to_keep``, where the model
-    takes it): the prompt positions' (B, L, V) logits are the largest activation for real vocabularies.
-    """
-    n_response = input_ids.shape[1] - context_length
-    keep = {"logits_to_keep": n_response + 1} if _takes_logits_to_keep(model) else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, **keep).logits
-    logits = logits[:, -(n_response + 1):-1]  # position t predicts token t + 1
-    return logits, logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
-
-
-def _takes_logits_to_keep(model) -> bool:
-    while hasattr(model, "module"):  # DDP and other wrappers
-        model = model.module
-    return _forward_takes_logits_to_keep(type(model.get_base_model() if is_peft(model) else model))
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(model_class) -> bool:  # once per class, not per forward pass
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def ppo_minibatch_loss(policy, value_model, mb: dict, context_length: int, ppo: PPOSettings):
-    """Clipped policy loss + vf_coef * clipped value loss on one minibatch; returns (loss, stats).
-
-    mb holds input_ids, attention_mask, position_ids (B, P + R) and, per response token (B, R):
-    response_mask, logprobs, values, advantages, returns (all from the rollout).
-    """
-    mask = mb["response_mask"]
-    logits, new_logprobs = forward_response(policy, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
+def ppo_minibatch_loss(policy, value_model, mb: Minibatch, context_length: int, ppo: PPOSettings):
+    """Clipped policy loss + vf_coef * clipped value loss on one minibatch -> (loss, StepStats)."""
+    logits, new_logprobs = forward_response(policy, mb.input_ids, mb.attention_mask, mb.position_ids,
                                             context_length, ppo.temperature)
-    new_values = value_model(mb["input_ids"], mb["attention_mask"], mb["position_ids"])[:, context_length - 1:-1]
-    pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], mask,
+    new_values = value_model(mb.input_ids, mb.attention_mask, mb.position_ids)[:, context_length - 1:-1]
+    pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                                   ppo.clip_range)
-    vf_loss, vf_clipfrac = value_loss(new_values, mb["values"], mb["returns"], mask, ppo.clip_range_value)
+    vf_loss, vf_clipfrac = value_loss(new_values, mb.values, mb.returns, mb.response_mask, ppo.clip_range_value)
     with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits.float() / ppo.temperature), mask)
+        entropy = masked_mean(entropy_from_logits(logits.float() / ppo.temperature), mb.response_mask)
     loss = pg_loss + ppo.vf_coef * vf_loss
-    stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/clipfrac": pg_clipfrac,
-             "policy/approx_kl": approx_kl, "value/clipfrac": vf_clipfrac, "policy/entropy": entropy}
-    return loss, stats
+    return loss, StepStats(pg_loss.detach(), vf_loss.detach(), pg_clipfrac, approx_kl, vf_clipfrac, entropy)
 
 
 def gold_available(cfg: PPOConfig) -> bool:
@@ -515,92 +242,13 @@ def gold_available(cfg: PPOConfig) -> bool:
     return all(f.startswith("builtin:") for f in cfg.data.train_files)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def rollout(policy, reference, reward, prompts: list[Prompt], tokenizer, ppo: PPOSettings, chunk: int,
-            device, with_gold: bool = False) -> dict:
-    """Sample, score and compare with the reference on ``prompts``; per-response tensors.
-
-    ``reference`` is a model or None (LoRA: the policy with its adapter disabled).
-    """
-    b_query, b_query_mask = left_pad([p.ids for p in prompts], tokenizer.pad_token_id)
-    b_query, b_query_mask = b_query.to(device), b_query_mask.to(device)
-    P = b_query.shape[1]
-    responses = [sample(policy, b_query[i:i + chunk], b_query_mask[i:i + chunk], tokenizer, ppo.response_length,
-                        ppo.temperature) for i in range(0, len(prompts), chunk)]
-    b_response, b_response_mask, b_ended = truncate_after_eos(torch.cat(responses), tokenizer.eos_token_id,
-                                                              tokenizer.pad_token_id)
-    # Drop the columns after the longest response: they are masked in every row, so they change
-    # nothing, but every later pass (log-probs, values, PPO epochs) would pay for them.
-    width = int(b_response_mask.any(0).nonzero().max()) + 1  # column 0 is always kept
-    b_response, b_response_mask = b_response[:, :width], b_response_mask[:, :width]
-    b_input_ids, b_attention_mask, b_position_ids = sequence_inputs(b_query, b_query_mask, b_response,
-                                                                    b_response_mask)
-    texts = decode_responses(tokenizer, b_response, b_response_mask, b_ended)
-    prompt_values = [p.example.prompt for p in prompts]
-    b_scores = reward(prompt_values, texts, b_ended.tolist()).to(device)
-    logprobs, ref_logprobs = [], []
-    for i in range(0, len(prompts), chunk):
-        args = (b_input_ids[i:i + chunk], b_attention_mask[i:i + chunk], b_position_ids[i:i + chunk], P,
-                ppo.temperature)
-        logprobs.append(forward_response(policy, *args)[1])
-        with adapters_off(policy) if reference is None else nullcontext():
-            ref_logprobs.append(forward_response(reference if reference is not None else policy, *args)[1])
-    out = dict(query=b_query, query_mask=b_query_mask, response=b_response, response_mask=b_response_mask,
-               ended=b_ended, input_ids=b_input_ids, attention_mask=b_attention_mask, position_ids=b_position_ids,
-               texts=texts, scores=b_scores, logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs))
-    if with_gold:
-        from alignkit.builtin import gold_reward
-
-        out["gold"] = torch.tensor(gold_reward(prompt_values, texts), dtype=torch.float32)
-    return out
-
-
-def decode_responses(tokenizer, b_response, b_response_mask, b_ended) -> list[str]:
-    texts = []
-    for row, m, e in zip(b_response, b_response_mask, b_ended):
-        ids = row[m].tolist()
-        if e:
-            ids = ids[:-1]  # the EOS itself is not text; the reward model adds its own
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return texts
-
-
-def evaluate(policy, reference, reward, prompts, tokenizer, ppo, chunk, device, with_gold, seed,
-             accelerator=None) -> dict:
-    """Held-out metrics: mean score, gold reward (and its std), KL per response, length, EOS share.
-
-    With several processes each answers its share of the prompts and the per-response
-    values of all processes are gathered, so every process returns the metrics of all prompts.
-    """
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = prompts[rank::world]
-    rows = []
-    if mine:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed + rank)  # the same sampling noise before and after training
-        r = rollout(policy, reference, reward, mine, tokenizer, ppo, chunk, device, with_gold)
-        torch.random.set_rng_state(state)
-        mask = r["response_mask"]
-        kl = torch.where(mask, r["logprobs"] - r["ref_logprobs"], torch.zeros_like(r["logprobs"])).sum(-1)
-        columns = [r["scores"].float(), kl.float(), mask.sum(-1).float(), r["ended"].float()]
-        if with_gold:
-            columns.append(r["gold"].float())
-        rows = torch.stack([c.cpu() for c in columns], -1).tolist()
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        rows = gather_object(rows)
-    t = torch.tensor(rows, dtype=torch.float32)
-    out = {"eval/score": t[:, 0].mean().item(), "eval/kl": t[:, 1].mean().item(),
-           "eval/response_length": t[:, 2].mean().item(), "eval/eos_share": t[:, 3].mean().item(),
-           "eval/responses": len(rows)}
-    if with_gold:
-        out["eval/gold_reward"] = t[:, 4].mean().item()
-        out["eval/gold_reward_std"] = t[:, 4].std().item()
-    return out
+def ptx_rows(cfg: PPOConfig, tokenizer) -> list[dict]:
+    """Demonstrations for PPO-ptx, prepared exactly as SFT prepares them (one example per row)."""
+    pairs = demonstrations(load_examples(cfg.ppo.ptx_files, seed=cfg.train.seed))
+    if not pairs:
+        raise DataError([f"{', '.join(cfg.ppo.ptx_files)}: labels: no demonstrations found for PPO-ptx"])
+    encoded, _ = encode_pairs(tokenizer, pairs, cfg.data.max_length + cfg.ppo.response_length, cfg.data.truncation)
+    return sft_rows(encoded, cfg.data.max_length + cfg.ppo.response_length, packing=False)
 
 
 # ----------------------------------------------------------------------------- training
@@ -617,7 +265,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     train_prompts = load_prompts(cfg.data.train_files, tokenizer, cfg.data, cfg.train.seed)
     eval_prompts = (load_prompts(cfg.data.eval_files, tokenizer, cfg.data, cfg.train.seed, limit=ppo.eval_samples)
                     if cfg.data.eval_files and ppo.eval_samples else [])
-    ptx_rows = _ptx_rows(cfg, tokenizer) if ppo.ptx_coef > 0 else []
+    ptx = (ptx_rows(cfg, load_tokenizer(cfg.model, padding_side="right")) if ppo.ptx_coef > 0 else [])
     with_gold = gold_available(cfg)
 
     # Reward sources (models are frozen, in eval mode), then policy, reference and value. In shared-base
@@ -634,20 +282,20 @@ def train_ppo(cfg: PPOConfig) -> dict:
             if not m.shared:
                 accelerator.print(f"ppo.shared_base: reward model {m.name} is not a LoRA adapter of the policy's base "
                                   f"({policy_path}): loaded as its own network")
-    if cfg.ppo.reference is not None:
-        check_reference_vocab(tokenizer, policy, cfg.ppo.reference, cfg.model)
-    if cfg.model.lora.enabled and cfg.ppo.reference is None:
+    if ppo.reference is not None:
+        check_reference_vocab(tokenizer, policy, ppo.reference, cfg.model)
+    if cfg.model.lora.enabled and ppo.reference is None:
         reference = None  # the policy with its adapter disabled: no second copy in memory
     else:
         ref_cfg = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False))
-        reference = load_model(ref_cfg, task="causal-lm", trainable=False, path=cfg.ppo.reference or policy_path)
+        reference = load_model(ref_cfg, task="causal-lm", trainable=False, path=ppo.reference or policy_path)
         disable_dropout(reference)
         reference.to(device)
         # Same autocast as the policy (accelerate wraps forward; no DDP), so the KL starts at exactly 0.
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
     value_model, value_note = load_value_model(cfg, tokenizer, policy_path, reward, policy)
     # bf16 autocast on CPU: attention in fp32, the fast kernel there (as SFT and RM do).
-    for m in (policy, reference, value_model.model if isinstance(value_model, ValueModel) else None):
+    for m in (policy, reference, None if isinstance(value_model.model, AdapterHead) else value_model.model):
         if m is not None:
             engine.use_fp32_attention_on_cpu(m, accelerator)
     memory_mode = ("shared_base" if ppo.shared_base else "lora" if cfg.model.lora.enabled else "full") + (
@@ -661,14 +309,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
     else:
         total_updates = max(1, math.ceil(cfg.train.num_epochs * len(train_prompts) / (ppo.rollout_batch_size * world)))
     optimizer_steps = total_updates * ppo.ppo_epochs * ppo.num_minibatches
-    params = [(f"policy.{n}", p) for n, p in policy.named_parameters()] + \
-             [(f"value.{n}", p) for n, p in value_model.named_parameters()]
-    # Shared base: the same frozen tensors appear twice; keep each trainable tensor once.
-    seen, unique = set(), []
-    for n, p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append((n, p))
+    # Shared base: the same frozen tensors appear under the policy and the value; keep each tensor once.
+    unique = list({id(p): (n, p) for n, p in [(f"policy.{n}", p) for n, p in policy.named_parameters()] +
+                   [(f"value.{n}", p) for n, p in value_model.named_parameters()]}.values())
     optimizer, scheduler = engine.make_optimizer(None, cfg.train, optimizer_steps, params=unique)
     train_params = [p for _, p in unique if p.requires_grad]  # what is clipped, averaged and compared
     # Shared base: the value and reward read the policy's module with other adapters switched on, which DDP
@@ -691,13 +334,12 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if hand_sync:
         engine.broadcast_parameters(train_params, accelerator)
 
-    chunk = cfg.train.per_device_batch_size
-    ref_model = reference  # None with LoRA: the policy under adapters_off
+    chunk = cfg.train.per_device_batch_size  # micro-batch of the no-grad rollout passes
 
     def run_eval():
         raw_policy.eval()
-        return evaluate(raw_policy, ref_model, reward, eval_prompts, tokenizer, ppo, chunk, device, with_gold,
-                        cfg.train.seed + 12345, accelerator)
+        return evaluate(raw_policy, reference, reward, eval_prompts, tokenizer, ppo.response_length, ppo.temperature,
+                        chunk, device, with_gold, cfg.train.seed + 12345, accelerator)
 
     eval_before = run_eval() if eval_prompts and update == 0 else None
     if eval_before is not None:
@@ -709,7 +351,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     minibatch_size = ppo.rollout_batch_size // ppo.num_minibatches
     accum = cfg.train.gradient_accumulation_steps
     micro_size = minibatch_size // accum
-    ptx_iter = _ptx_batches(ptx_rows, micro_size, tokenizer, cfg.train.seed) if ptx_rows else None
+    ptx_batches = demonstration_batches(ptx, micro_size, tokenizer.pad_token_id, cfg.train.seed) if ptx else None
     start, last_log, update_seconds = time.time(), {}, []
     while update < total_updates:
         t0 = time.time()
@@ -721,37 +363,34 @@ def train_ppo(cfg: PPOConfig) -> dict:
         value_model.eval()
 
         # 1. generate + 2. score + 3a. policy and reference log-probs (no grad)
-        r = rollout(raw_policy, ref_model, reward, batch_prompts, tokenizer, ppo, chunk, device, with_gold)
+        r = rollout(raw_policy, reference, reward, batch_prompts, tokenizer, ppo.response_length, ppo.temperature,
+                    chunk, device, with_gold)
         t_rollout = time.time() - t0
-        b_input_ids, b_attention_mask, b_position_ids = r["input_ids"], r["attention_mask"], r["position_ids"]
-        b_response_mask, b_ended = r["response_mask"], r["ended"]
-        b_logprobs, b_ref_logprobs = r["logprobs"], r["ref_logprobs"]
-        context_length = r["query"].shape[1]
-        b_scores = r["scores"]
+        context_length = r.context_length
+        b_scores = r.scores
         if ppo.missing_eos_penalty is not None:
-            b_scores = torch.where(b_ended, b_scores, b_scores + ppo.missing_eos_penalty)
+            b_scores = torch.where(r.ended, b_scores, b_scores + ppo.missing_eos_penalty)
         engine.check_finite(b_scores, "reward", update, cfg.output_dir)
 
         # 3b. values of the rollout (no grad)
         with torch.no_grad():
-            b_values = torch.cat([value_model(b_input_ids[i:i + chunk], b_attention_mask[i:i + chunk],
-                                              b_position_ids[i:i + chunk])[:, context_length - 1:-1]
+            b_values = torch.cat([value_model(r.input_ids[i:i + chunk], r.attention_mask[i:i + chunk],
+                                              r.position_ids[i:i + chunk])[:, context_length - 1:-1]
                                   for i in range(0, len(batch_prompts), chunk)])
 
         # 4. rewards + GAE
-        b_kl = kl_penalty(b_logprobs, b_ref_logprobs, ppo.kl_estimator)
-        b_rewards, b_non_score = per_token_rewards(b_scores, b_kl, kl_ctl.kl_coef, b_response_mask)
+        b_kl = kl_penalty(r.logprobs, r.ref_logprobs, ppo.kl_estimator)
+        b_rewards, b_non_score = per_token_rewards(b_scores, b_kl, kl_ctl.kl_coef, r.response_mask)
         if ppo.whiten_rewards:
-            b_rewards = masked_whiten(b_rewards, b_response_mask, shift_mean=False)
-        b_advantages, b_returns = gae_advantages(b_rewards, b_values, b_response_mask, ppo.gamma, ppo.lam)
-        b_advantages = masked_whiten(b_advantages, b_response_mask)
+            b_rewards = masked_whiten(b_rewards, r.response_mask, shift_mean=False)
+        b_advantages, b_returns = gae_advantages(b_rewards, b_values, r.response_mask, ppo.gamma, ppo.lam)
+        b_advantages = masked_whiten(b_advantages, r.response_mask)
 
         # 5. PPO epochs over shuffled minibatches
         policy.train()
         value_model.train()
-        b = dict(input_ids=b_input_ids, attention_mask=b_attention_mask, position_ids=b_position_ids,
-                 response_mask=b_response_mask, logprobs=b_logprobs, values=b_values, advantages=b_advantages,
-                 returns=b_returns)
+        b = Minibatch(r.input_ids, r.attention_mask, r.position_ids, r.response_mask, r.logprobs, b_values,
+                      b_advantages, b_returns)
         stats_sum: dict[str, torch.Tensor] = {}
         n_stats = 0
         for _ in range(ppo.ppo_epochs):
@@ -759,21 +398,20 @@ def train_ppo(cfg: PPOConfig) -> dict:
             for mb_start in range(0, ppo.rollout_batch_size, minibatch_size):
                 mb_order = b_order[mb_start:mb_start + minibatch_size]
                 for k in range(accum):
-                    mb_idx = mb_order[k * micro_size:(k + 1) * micro_size].to(device)
-                    mb = {name: t[mb_idx] for name, t in b.items()}
-                    sync = k == accum - 1
+                    mb = b.select(mb_order[k * micro_size:(k + 1) * micro_size].to(device))
                     with ExitStack() as stack:
-                        if not sync:
+                        if k < accum - 1:  # gradients are all-reduced on the last micro-batch only
                             stack.enter_context(accelerator.no_sync(policy))
                             stack.enter_context(accelerator.no_sync(value_model))
                         loss, stats = ppo_minibatch_loss(policy, value_model, mb, context_length, ppo)
-                        if ptx_iter is not None:
-                            ptx_loss = _ptx_loss(policy, next(ptx_iter), device)
+                        step_metrics = stats.metrics()
+                        if ptx_batches is not None:  # PPO-ptx (InstructGPT eq. 2)
+                            ptx_loss = mean_token_loss(policy, next(ptx_batches), device)
                             loss = loss + ppo.ptx_coef * ptx_loss
-                            stats["loss/ptx"] = ptx_loss.detach()
+                            step_metrics["loss/ptx"] = ptx_loss.detach()
                         engine.check_finite(loss.detach(), "PPO loss", update, cfg.output_dir)
                         accelerator.backward(loss / accum)
-                    for name, v in stats.items():
+                    for name, v in step_metrics.items():
                         stats_sum[name] = stats_sum.get(name, 0.0) + v.float()
                     n_stats += 1
                 if hand_sync:
@@ -782,18 +420,18 @@ def train_ppo(cfg: PPOConfig) -> dict:
 
         # Statistics of this update, averaged over processes.
         with torch.no_grad():
-            kl_per_seq = torch.where(b_response_mask, b_kl, torch.zeros_like(b_kl)).sum(-1)
             m = {name: v / n_stats for name, v in stats_sum.items()}
             m.update({
-                "objective/score": b_scores.mean(), "objective/kl": kl_per_seq.mean(),
+                "objective/score": b_scores.mean(),
+                "objective/kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, ppo.kl_estimator).mean(),
                 "objective/non_score_reward": b_non_score.sum(-1).mean(),
                 "objective/rlhf_reward": b_scores.mean() + b_non_score.sum(-1).mean(),
-                "value/explained_variance": explained_variance(b_values, b_returns, b_response_mask),
-                "rollout/response_length": b_response_mask.sum(-1).float().mean(),
-                "rollout/eos_share": b_ended.float().mean(),
+                "value/explained_variance": explained_variance(b_values, b_returns, r.response_mask),
+                "rollout/response_length": r.response_mask.sum(-1).float().mean(),
+                "rollout/eos_share": r.ended.float().mean(),
             })
             if with_gold:
-                m["objective/gold_reward"] = r["gold"].to(device).mean()
+                m["objective/gold_reward"] = r.gold.to(device).mean()
             names = sorted(m)
             values = accelerator.reduce(torch.stack([torch.as_tensor(m[n], device=device).float() for n in names]),
                                         "mean")
@@ -853,23 +491,10 @@ def save_policy_and_value(policy, value_model, tokenizer, final_dir: str, value_
     loadable with ``AutoModelForSequenceClassification``. In shared-base mode it is the
     "value" LoRA adapter of the policy's base plus ``value_head.safetensors``.
     """
-    os.makedirs(value_dir, exist_ok=True)
-    if isinstance(value_model, SharedBaseValue):
-        import shutil
-
-        from safetensors.torch import save_file
-
-        tmp = value_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, selected_adapters=[SharedBaseValue.adapter], safe_serialization=True)
-        src = os.path.join(tmp, SharedBaseValue.adapter)  # peft writes a non-default adapter in a subfolder
-        for name in os.listdir(src):
-            shutil.move(os.path.join(src, name), os.path.join(value_dir, name))
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in value_model.head.state_dict().items()},
-                  os.path.join(value_dir, "value_head.safetensors"))
-        tokenizer.save_pretrained(value_dir)
+    if isinstance(value_model.model, AdapterHead):
+        save_adapter_head(policy, value_model.model, value_dir, tokenizer)
     else:
+        os.makedirs(value_dir, exist_ok=True)
         value_model.model.save_pretrained(value_dir, safe_serialization=True)
         tokenizer.save_pretrained(value_dir)
     if is_peft(policy):  # final/ holds the policy's adapter only, not the shared value/reward adapters
@@ -880,82 +505,3 @@ def save_policy_and_value(policy, value_model, tokenizer, final_dir: str, value_
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# ----------------------------------------------------------------------------- PPO-ptx
-
-
-def _ptx_rows(cfg: PPOConfig, tokenizer) -> list[dict]:
-    """Demonstrations for PPO-ptx, prepared exactly as SFT prepares them (one example per row)."""
-    from alignkit.schema import demonstrations
-    from alignkit.tokenization import encode_pairs, sft_rows
-
-    pairs = demonstrations(load_examples(cfg.ppo.ptx_files, seed=cfg.train.seed))
-    if not pairs:
-        raise DataError([f"{', '.join(cfg.ppo.ptx_files)}: labels: no demonstrations found for PPO-ptx"])
-    tok = load_tokenizer(cfg.model, padding_side="right")
-    encoded, _ = encode_pairs(tok, pairs, cfg.data.max_length + cfg.ppo.response_length, cfg.data.truncation)
-    return sft_rows(encoded, cfg.data.max_length + cfg.ppo.response_length, packing=False)
-
-
-def _ptx_batches(rows, batch_size, tokenizer, seed):
-    from alignkit.sft import make_loader
-    from alignkit.tokenization import collate_sft
-
-    loader = make_loader(rows, batch_size, lambda rs: collate_sft(rs, tokenizer.pad_token_id), seed)
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def _ptx_loss(policy, batch, device):
-    from alignkit.sft import sft_token_loss
-
-    batch = {k: v.to(device) for k, v in batch.items() if k != "num_tokens"}
-    labels = batch.pop("labels")
-    loss_sum, n = sft_token_loss(policy(**batch, use_cache=False).logits, labels)
-    return loss_sum / n.clamp(min=1)
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-PLOTTED = ["objective/score", "objective/gold_reward", "objective/kl", "train/kl_coef", "objective/non_score_reward",
-           "policy/entropy", "policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance",
-           "rollout/response_length", "rollout/eos_share"]
-
-
-def plot_metrics(output_dir: str) -> str | None:
-    """output_dir/curves.png: one panel per logged PPO statistic (held-out evals as points)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = engine.read_metrics(output_dir)
-    keys = [k for k in PLOTTED if any(k in r for r in rows)]
-    if not keys:
-        return None
-    cols = 4
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.8 * math.ceil(len(keys) / cols)),
-                             squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), lw=1.2)
-        ev = {"objective/score": "eval/score", "objective/gold_reward": "eval/gold_reward", "objective/kl": "eval/kl"}
-        if key in ev:
-            epts = [(r["step"], r[ev[key]]) for r in rows if ev[key] in r]
-            if epts:
-                ax.plot(*zip(*epts), "o--", ms=4, label="held-out")
-                ax.legend(fontsize=7)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("PPO update", fontsize=8)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    path = os.path.join(output_dir, "curves.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

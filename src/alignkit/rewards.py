@@ -1,4 +1,6 @@
-"""Reward sources for PPO behind one interface: ``reward(prompts, responses) -> scores (B,)``.
+"""Reading rewards: the one module that turns (prompt, response) into a score, for every stage.
+
+Reward sources for PPO behind one interface: ``reward(prompts, responses) -> scores (B,)``.
 
     from alignkit.rewards import RewardSourceConfig, build_reward
     reward = build_reward([RewardSourceConfig(name_or_path="runs/rm-tiny/final")])
@@ -15,6 +17,11 @@ A source is one of
 Reward models read *text*: the prompt goes through the reward model's own chat template
 and the response is re-tokenized with the reward model's tokenizer, so the reward model
 and the policy need not share a vocabulary. Several sources are summed with weights.
+
+Every path that reads a reward model's score (reward-model training, its evaluation and
+normalisation, PPO's reward standalone or on a shared base, ``rm-eval``) encodes text with
+:func:`encode_for_reward` and pools with :func:`read_position` / :func:`reward_scores`:
+the score of the rightmost non-pad token, exactly as ``AutoModelForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -29,19 +36,15 @@ from typing import Callable, List, Optional
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.modeling import (
-    DTYPES,
-    AdapterHead,
-    ModelLoadError,
+from alignkit.adapters import (
     adapter_base,
     attach_adapter_head,
     is_adapter_dir,
-    is_peft,
     load_adapter_classifier,
     read_adapter_head,
-    resolve_path,
-    same_model_path,
 )
+from alignkit.modeling import DTYPES, ModelLoadError, backbone_and_head, head_outputs, resolve_path
+from alignkit.tokenization import encode_answer, encode_prompt
 
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -117,36 +120,7 @@ def read_reward_head(config: dict, where: str) -> dict | None:
     return head
 
 
-def score_head(model):
-    """(backbone, head) of a decoder-style sequence-classification model, or None for others.
-
-    Decoder RMs (Llama, Qwen, GPT-2 ...) have a ``score`` linear head on every token; we
-    read it at the last *attended* token ourselves, so a tokenizer whose pad token equals
-    its EOS (HF pools at the last non-pad id) still gets the EOS position.
-    """
-    hf = model.get_base_model() if is_peft(model) else model
-    backbone = getattr(hf, getattr(hf, "base_model_prefix", "model"), None)
-    head = getattr(hf, "score", None)
-    if backbone is None or head is None:
-        return None
-    return backbone, head
-
-
-def last_token_scores(model, input_ids, attention_mask) -> torch.Tensor:
-    """Scores (B, num_labels) at the last attended token of right-padded inputs."""
-    last = attention_mask.sum(-1) - 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if isinstance(model, AdapterHead):  # an adapter on a shared base (low-memory PPO)
-        return model(input_ids, attention_mask, position_ids)[torch.arange(len(last)), last]
-    parts = score_head(model)
-    if parts is None:  # encoder RMs pool their own way (e.g. the first token)
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-    backbone, head = parts
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return head(hidden[torch.arange(len(last)), last])
-
-
-def read_model_head(path: str, cfg: RewardSourceConfig, where: str) -> tuple[dict | None, int]:
+def read_model_head(path: str, trust_remote_code: bool = False, where: str | None = None) -> tuple[dict | None, int]:
     """(``alignkit_reward`` block or None, number of outputs) of a reward model folder or LoRA adapter folder.
 
     An adapter folder saved by alignkit carries ``alignkit_reward.json``; any other peft
@@ -154,6 +128,7 @@ def read_model_head(path: str, cfg: RewardSourceConfig, where: str) -> tuple[dic
     """
     from transformers import AutoConfig
 
+    where = where or path
     if is_adapter_dir(path):
         info_path = os.path.join(path, "alignkit_reward.json")
         if os.path.exists(info_path):
@@ -163,140 +138,247 @@ def read_model_head(path: str, cfg: RewardSourceConfig, where: str) -> tuple[dic
         _, score = read_adapter_head(path)
         return None, score["weight"].shape[0]
     try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"reward model {where}: cannot read its config ({e})") from None
     return read_reward_head(hf_config.to_dict(), where), hf_config.num_labels
 
 
-class SharedBase:
-    """The policy's peft model and its base folder, offered to reward sources that are adapters of that base."""
+# ----------------------------------------------------------------------------- reading a reward model
 
-    def __init__(self, model, base_path: str):
-        self.model, self.base_path = model, base_path
 
-    def new_name(self, stem: str) -> str:
-        names = set(self.model.peft_config)
-        return next(n for n in (stem if i == 0 else f"{stem}_{i}" for i in range(len(names) + 1)) if n not in names)
+def read_position(seq: list[int], pad_token_id: int | None) -> int:
+    """Where a sequence's score is read: its rightmost token that is not ``pad_token_id``.
+
+    This is ``AutoModelForSequenceClassification``'s pooling, so a saved reward model gives the
+    same scores there. It is the answer's end token when the tokenizer has a pad token of its
+    own, and the token before it when pad = EOS (GPT-2, Llama 3, Mistral ...). 0 if every token is pad.
+    """
+    if pad_token_id is None:
+        return len(seq) - 1
+    for k in range(len(seq) - 1, -1, -1):
+        if seq[k] != pad_token_id:
+            return k
+    return 0
+
+
+def read_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """:func:`read_position` for a right-padded batch: (B, L) -> (B,) indices."""
+    keep = attention_mask.bool()
+    if pad_token_id is not None:
+        keep = keep & (input_ids != pad_token_id)
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (idx * keep).argmax(-1)
+
+
+def reward_scores(model, input_ids, attention_mask, pad_token_id: int | None) -> torch.Tensor:
+    """(B, outputs) scores of right-padded sequences, read at :func:`read_positions`.
+
+    The one pooling rule of every path that reads a reward model (training, evaluation,
+    normalisation, PPO standalone and on a shared base, ``rm-eval``). Encoder models, which
+    pool their own way (e.g. the first token), are read through their own forward.
+    """
+    if not hasattr(model, "hidden_states") and backbone_and_head(model) is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    read = read_positions(input_ids, attention_mask, pad_token_id)
+    flat = torch.arange(len(read), device=read.device) * input_ids.shape[1] + read
+    return head_outputs(model, input_ids, attention_mask, position_ids, read_index=flat)
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_token_id: int | None, batch_size: int = 32,
+                    device=None) -> torch.Tensor:
+    """Raw scores (N, outputs), float32 on CPU, of token-id sequences (prompt + answer).
+
+    Sequences are sorted by length so batches carry little padding; the order is restored.
+    """
+    was_training = model.training
+    model.eval()
+    if device is None:
+        device = next(iter(model.parameters())).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = [None] * len(sequences)
+    fill = pad_token_id if pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        length = max(len(sequences[i]) for i in idx)
+        input_ids = torch.full((len(idx), length), fill, dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for b, i in enumerate(idx):
+            input_ids[b, :len(sequences[i])] = torch.tensor(sequences[i])
+            attention_mask[b, :len(sequences[i])] = 1
+        scores = reward_scores(model, input_ids.to(device), attention_mask.to(device), pad_token_id).float().cpu()
+        for b, i in enumerate(idx):
+            out[i] = scores[b]
+    model.train(was_training)
+    if not out:
+        head = getattr(model, "head", None)
+        return torch.zeros((0, head.out_features if head is not None else model.config.num_labels))
+    return torch.stack(out)
+
+
+def score_texts(model, tokenizer, prompts, responses, ended=None, batch_size: int = 32) -> torch.Tensor:
+    """Raw scores (N, outputs) of prompt/response texts: :func:`encode_for_reward` + :func:`score_sequences`."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_texts: {len(prompts)} prompts but {len(responses)} responses")
+    ended = [True] * len(responses) if ended is None else list(ended)
+    seqs = [encode_for_reward(tokenizer, p, r, e) for p, r, e in zip(prompts, responses, ended)]
+    return score_sequences(model, seqs, reward_pad_id(model, tokenizer), batch_size)
+
+
+def encode_for_reward(tokenizer, prompt, response: str, ended: bool = True, max_length: int | None = None) -> list[int]:
+    """prompt (text or conversation) + response -> the token ids a reward model scores.
+
+    Exactly what reward-model training encodes: the prompt through the chat template with the
+    generation prompt, then the answer and its end token (left off for a response that never
+    ended). Longer than ``max_length``: the end is kept.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    answer = encode_answer(tokenizer, response)
+    ids = encode_prompt(tokenizer, messages) + (answer if ended else answer[:-1])
+    return ids[-max_length:] if max_length else ids
+
+
+def normalize(raw: torch.Tensor, info: dict) -> torch.Tensor:
+    """(N, aspects) raw scores -> (raw - offset) / scale per aspect."""
+    offset = torch.tensor(info["offset"], dtype=raw.dtype, device=raw.device)
+    scale = torch.tensor(info["scale"], dtype=raw.dtype, device=raw.device)
+    return (raw - offset) / scale
+
+
+def combined_reward(raw: torch.Tensor, info: dict) -> torch.Tensor:
+    """(N, aspects) raw scores -> (N,) "the reward": sum over aspects of weight * normalised score."""
+    weights = torch.tensor(info["weights"], dtype=raw.dtype, device=raw.device)
+    return (normalize(raw, info) * weights).sum(-1)
+
+
+def default_info(num_labels: int) -> dict:
+    """The reward head of a model saved without ``alignkit_reward``: raw outputs, weight 1 each."""
+    return {"aspects": [f"label_{i}" for i in range(num_labels)] if num_labels > 1 else ["overall"],
+            "weights": [1.0] * num_labels, "offset": [0.0] * num_labels, "scale": [1.0] * num_labels}
+
+
+def load_reward_tokenizer(path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer saved with a reward model (an adapter saved without one: its base's), made ready to
+    score: pad = EOS when it has no pad token, alignkit's default chat template when it has none."""
+    from transformers import AutoTokenizer
+
+    from alignkit.modeling import DEFAULT_CHAT_TEMPLATE
+
+    tok_path = resolve_path(tokenizer_path) if tokenizer_path else path
+    if not tokenizer_path and is_adapter_dir(path) and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        tok_path = adapter_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"reward model {path}: cannot load its tokenizer ({e})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_reward_model(path: str, dtype: str = "float32", device=None, tokenizer_path: str | None = None,
+                      trust_remote_code: bool = False):
+    """A saved reward model -> (model in eval mode, tokenizer, info).
+
+    ``path`` is a sequence-classification folder (``output_dir/final``; without
+    ``alignkit_reward`` in its config offsets are 0, scales and weights 1) or a LoRA adapter folder
+    (``output_dir/final_adapter``), applied to a fresh copy of its base.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    where = path
+    path = resolve_path(path)
+    head, n_out = read_model_head(path, trust_remote_code, where)
+    if head is not None and len(head["aspects"]) != n_out:
+        raise ModelLoadError(f"reward model {where}: {n_out} outputs but alignkit_reward lists "
+                             f"{len(head['aspects'])} aspects {head['aspects']}")
+    tokenizer = load_reward_tokenizer(path, tokenizer_path, trust_remote_code)
+    try:
+        if is_adapter_dir(path):
+            model = load_adapter_classifier(path, n_out, tokenizer.pad_token_id, dtype, trust_remote_code)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype],
+                                                                       trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"reward model {where}: cannot load it ({e})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    info = head or default_info(n_out)
+    model.requires_grad_(False).eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer, info
+
+
+def reward_pad_id(model, tokenizer) -> int | None:
+    """The pad id a model's scores are read against: its config's (what HF pools with), else the tokenizer's."""
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None) if config is not None else None
+    return pad if pad is not None else tokenizer.pad_token_id
 
 
 class ModelReward:
     """A sequence-classification reward model read on re-tokenized text.
 
     raw (B, A) -> normalised (raw - offset) / scale -> weighted sum over aspects (B,).
+    With ``shared_base``, a LoRA adapter folder of that base is attached to it as a frozen
+    adapter (no second copy of the weights); otherwise the model is loaded on its own.
     """
 
-    def __init__(self, cfg: RewardSourceConfig, device="cpu", batch_size: int = 32, model=None, tokenizer=None,
-                 shared_base=None):
-        from transformers import AutoModelForSequenceClassification
-
-        from alignkit.modeling import DEFAULT_CHAT_TEMPLATE
-
+    def __init__(self, cfg: RewardSourceConfig, device="cpu", batch_size: int = 32, shared_base=None):
         where = cfg.name_or_path
-        self.name = where
-        path = resolve_path(cfg.name_or_path)
-        adapter = is_adapter_dir(path)
-        head, n_out = read_model_head(path, cfg, where)
-        if head is not None:
-            if len(head["aspects"]) != n_out:
-                raise ModelLoadError(f"reward model {where}: {n_out} outputs but alignkit_reward lists "
-                                     f"{len(head['aspects'])} aspects {head['aspects']}")
-            aspects = list(head["aspects"])
-            weights, offset, scale = list(head["weights"]), list(head["offset"]), list(head["scale"])
+        self.name, self.cfg, self.device, self.batch_size = where, cfg, device, batch_size
+        self.path = path = resolve_path(cfg.name_or_path)
+        head, n_out = read_model_head(path, cfg.trust_remote_code, where)
+        self.shared = shared_base is not None and shared_base.accepts(path)
+        if self.shared:
+            self.tokenizer = load_reward_tokenizer(path, cfg.tokenizer, cfg.trust_remote_code)
+            self.model = attach_adapter_head(shared_base.model, path, shared_base.new_name("reward"))
         else:
-            if not cfg.aspects and n_out != 1:
-                raise ModelLoadError(f"reward model {where}: {n_out} outputs but reward.sources.aspects is empty; "
-                                     "name the outputs (and set aspect_weights) to combine them")
-            aspects = list(cfg.aspects) or ["score"]
-            weights, offset, scale = [1.0] * n_out, [0.0] * n_out, [1.0] * n_out
-        if cfg.aspects and (len(cfg.aspects) != n_out or (head is not None and list(cfg.aspects) != aspects)):
+            self.model, self.tokenizer, _ = load_reward_model(path, cfg.dtype, device, cfg.tokenizer,
+                                                              cfg.trust_remote_code)
+        if head is None and not cfg.aspects and n_out != 1:
+            raise ModelLoadError(f"reward model {where}: {n_out} outputs but reward.sources.aspects is empty; "
+                                 "name the outputs (and set aspect_weights) to combine them")
+        info = head or {**default_info(n_out), "aspects": list(cfg.aspects) or (["score"] if n_out == 1 else [])}
+        if cfg.aspects and (len(cfg.aspects) != n_out or (head is not None and list(cfg.aspects) != info["aspects"])):
             raise ModelLoadError(f"reward model {where}: has {n_out} output(s)"
-                                 f"{' ' + str(aspects) if head is not None else ''} but reward.sources.aspects "
+                                 f"{' ' + str(info['aspects']) if head is not None else ''} but reward.sources.aspects "
                                  f"is {list(cfg.aspects)}")
         if cfg.aspect_weights:
             if len(cfg.aspect_weights) != n_out:
                 raise ModelLoadError(f"reward model {where}: {n_out} output(s) but reward.sources.aspect_weights "
                                      f"has {len(cfg.aspect_weights)} entries")
-            weights = list(cfg.aspect_weights)
-        self.aspects = aspects
-        self.weights = torch.tensor(weights, dtype=torch.float32)
-        self.offset = torch.tensor(offset, dtype=torch.float32)
-        self.scale = torch.tensor(scale, dtype=torch.float32)
-        self.path, self.cfg, self.device, self.batch_size = path, cfg, device, batch_size
-
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tok_path = resolve_path(cfg.tokenizer or cfg.name_or_path)
-            if adapter and not cfg.tokenizer and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
-                tok_path = adapter_base(path)  # an adapter saved without its tokenizer: the base's
-            tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=cfg.trust_remote_code)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            if not tokenizer.chat_template:
-                tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        self.tokenizer = tokenizer
-        # shared_base: a peft model whose base this adapter was trained on; the reward model then is
-        # one more adapter on that base (no second copy of the weights).
-        self.shared = False
-        if model is None and adapter and shared_base is not None and same_model_path(adapter_base(path),
-                                                                                    shared_base.base_path):
-            model = attach_adapter_head(shared_base.model, path, shared_base.new_name("reward"))
-            self.shared = True
-        if model is None:
-            try:
-                if adapter:
-                    model = load_adapter_classifier(path, n_out, tokenizer.pad_token_id, cfg.dtype,
-                                                    cfg.trust_remote_code)
-                else:
-                    model = AutoModelForSequenceClassification.from_pretrained(
-                        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
-            except (OSError, ValueError) as e:
-                raise ModelLoadError(f"reward model {where}: cannot load it ({e})") from None
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = tokenizer.pad_token_id
-            model.requires_grad_(False).eval().to(device)
-        self.model = model
+            info = {**info, "weights": list(cfg.aspect_weights)}
+        self.info = info
+        self.aspects = list(info["aspects"])
+        self.weights = torch.tensor(info["weights"], dtype=torch.float32)
+        self.scale = torch.tensor(info["scale"], dtype=torch.float32)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.shared else reward_pad_id(self.model, self.tokenizer)
 
     def encode(self, prompt, response: str, ended: bool = True) -> list[int]:
-        """Prompt through the RM's chat template + response (+ EOS if the response ended)."""
-        from alignkit.tokenization import encode_prompt
-
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        ids = encode_prompt(self.tokenizer, messages)
-        ids += self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        if ended and self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids[-self.cfg.max_length:]
+        return encode_for_reward(self.tokenizer, prompt, response, ended, self.cfg.max_length)
 
     @torch.no_grad()
     def raw_scores(self, prompts, responses, ended=None) -> torch.Tensor:
         """Raw model outputs (B, A)."""
         ended = [True] * len(responses) if ended is None else list(ended)
-        out = []
-        for i in range(0, len(responses), self.batch_size):
-            ids = [self.encode(p, r, e) for p, r, e in zip(prompts[i:i + self.batch_size],
-                                                          responses[i:i + self.batch_size],
-                                                          ended[i:i + self.batch_size])]
-            length = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
-            for b, x in enumerate(ids):
-                input_ids[b, :len(x)] = torch.tensor(x)
-                attention_mask[b, :len(x)] = 1
-            scores = last_token_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
-            out.append(scores.float().cpu())
-        raw = torch.cat(out)
+        seqs = [self.encode(p, r, e) for p, r, e in zip(prompts, responses, ended)]
+        raw = score_sequences(self.model, seqs, self.pad_token_id, self.batch_size, device=self.device)
         if raw.shape[-1] != len(self.aspects):
             raise ModelLoadError(f"reward model {self.name}: returned {raw.shape[-1]} outputs for "
                                  f"aspects {self.aspects}")
         return raw
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
-        return (raw - self.offset) / self.scale
+        return normalize(raw, self.info)
 
     def __call__(self, prompts, responses, ended=None) -> torch.Tensor:
-        return (self.normalise(self.raw_scores(prompts, responses, ended)) * self.weights).sum(-1)
+        return combined_reward(self.raw_scores(prompts, responses, ended), self.info)
 
 
 class WeightedReward:
@@ -329,7 +411,7 @@ def is_function_spec(spec: str) -> bool:
 
 
 def build_reward(sources: list[RewardSourceConfig], device="cpu", batch_size: int = 32,
-                 shared_base: SharedBase | None = None) -> WeightedReward:
+                 shared_base=None) -> WeightedReward:
     """Load every configured source; every problem is raised before training starts.
 
     With ``shared_base``, a reward model given as a LoRA adapter folder of that same base is
@@ -350,4 +432,4 @@ def build_reward(sources: list[RewardSourceConfig], device="cpu", batch_size: in
 
 def reward_model_info(path: str) -> dict | None:
     """The ``alignkit_reward`` block of a saved reward model folder, or None."""
-    return read_model_head(resolve_path(path), RewardSourceConfig(name_or_path=path), path)[0]
+    return read_model_head(resolve_path(path), where=path)[0]

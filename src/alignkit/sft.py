@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit import engine
-from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig
+from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, check_packing
 from alignkit.modeling import count_parameters, load_model, load_tokenizer, save_model
 from alignkit.schema import DataError, demonstrations, load_examples
 from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
@@ -33,6 +33,9 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/sft"
+
+    def __post_init__(self):
+        check_packing(self.model, self.data)
 
 
 def sft_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +100,24 @@ def prepare_sft_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict],
     return out[0], out[1], stats
 
 
+def demonstration_batches(rows, batch_size: int, pad_token_id: int, seed: int):
+    """An endless, seeded stream of padded SFT batches (PPO-ptx mixes them into PPO's steps)."""
+    loader = make_loader(rows, batch_size, lambda rs: collate_sft(rs, pad_token_id), seed)
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def mean_token_loss(model, batch: dict, device) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens of one ``collate_sft`` batch."""
+    batch = {k: v.to(device) for k, v in batch.items() if k != "num_tokens"}
+    labels = batch.pop("labels")
+    loss_sum, n = sft_token_loss(model(**batch, use_cache=False).logits, labels)
+    return loss_sum / n.clamp(min=1)
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> float:
     model.eval()
@@ -125,15 +146,17 @@ def train_sft(cfg: SFTConfig) -> dict:
     engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)
 
+    attn = model.config._attn_implementation
+
     def collate(rows):
-        return collate_sft(rows, tokenizer.pad_token_id)
+        return collate_sft(rows, tokenizer.pad_token_id, attn_implementation=attn)
 
     bs, accum = cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps
     train_loader = make_loader(train_rows, bs, collate, cfg.train.seed)
     # Each process evaluates its own slice: exact sums, no padding duplicates from a sharded loader.
     eval_shard = eval_rows[accelerator.process_index::accelerator.num_processes]
     eval_loader = make_loader(eval_shard, bs, collate, cfg.train.seed, shuffle=False) if eval_rows else None
-    steps_per_epoch, total_steps = engine.plan_steps(len(train_rows), accelerator, cfg.train)
+    _, total_steps = engine.plan_steps(len(train_rows), accelerator, cfg.train)
     optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     step, _, logger = engine.start_run(accelerator, cfg, {"model": model}, {"model": optimizer}, {"model": scheduler})
@@ -146,18 +169,10 @@ def train_sft(cfg: SFTConfig) -> dict:
     bar = engine.progress(accelerator, total_steps, initial=step, desc="sft", enabled=cfg.log.progress)
     world = accelerator.num_processes
     start, tokens_seen, last_log = time.time(), 0, {}
-    epoch = step // steps_per_epoch
-    batches = _micro_batches(accelerator, train_loader, epoch, skip=(step % steps_per_epoch) * accum)
+    groups = engine.micro_batch_groups(accelerator, train_loader, step, accum)
     while step < total_steps:
-        group, num_tokens = [], []
-        for _ in range(accum):
-            mb = next(batches, None)
-            if mb is None:  # epoch ended: next epoch's order
-                epoch += 1
-                batches = _micro_batches(accelerator, train_loader, epoch, skip=0)
-                mb = next(batches)
-            num_tokens.append(mb.pop("num_tokens"))
-            group.append(mb)
+        epoch, group = next(groups)
+        num_tokens = [mb.pop("num_tokens") for mb in group]
         # Normalise by the answer tokens of the whole global batch, so every token weighs the same.
         local_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in group)
         global_tokens = accelerator.reduce(local_tokens.clone(), "sum").clamp(min=1)
@@ -209,9 +224,3 @@ def train_sft(cfg: SFTConfig) -> dict:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     accelerator.end_training()
     return summary
-
-
-def _micro_batches(accelerator, loader, epoch: int, skip: int):
-    loader.set_epoch(epoch)
-    it = accelerator.skip_first_batches(loader, skip) if skip else loader
-    yield from it

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.config import PACKING_ATTENTION, ConfigError
 from alignkit.schema import DataError, Example
 
 IGNORE_INDEX = -100
@@ -25,6 +26,11 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 def encode_answer(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end a generated answer."""
+    return [tokenizer.eos_token_id]
 
 
 @dataclass
@@ -138,7 +144,26 @@ def block_causal_mask(seq_lens_batch: list[list[int]], length: int) -> torch.Ten
     return mask[:, None]
 
 
-def collate_sft(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+def packed_attention_mask(mask: torch.Tensor, attn_implementation: str | None) -> torch.Tensor:
+    """A (B, 1, L, L) bool "may attend" mask in the form ``attn_implementation`` reads it.
+
+    transformers hands a 4D mask to the attention code as it is: sdpa takes a boolean mask,
+    but eager attention *adds* the mask to the scores, so a boolean one would add 1 where
+    attention is allowed and 0 where it is not (examples would see each other and the
+    future). Eager gets 0 / the float minimum instead. Other kernels (flash, flex) cannot
+    take such a mask: packing is refused for them.
+    """
+    impl = attn_implementation or "sdpa"
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    if impl not in PACKING_ATTENTION and impl != "sdpa_fp32":  # sdpa_fp32: engine.use_fp32_attention_on_cpu
+        raise ConfigError(f"data.packing: model.attn_implementation={impl} cannot isolate packed examples (it takes "
+                          f"no 4D mask); use {' or '.join(PACKING_ATTENTION)}, or set data.packing=false")
+    return mask
+
+
+def collate_sft(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1,
+                attn_implementation: str | None = "sdpa") -> dict:
     length = max(len(r["input_ids"]) for r in rows)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     B = len(rows)
@@ -152,7 +177,8 @@ def collate_sft(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1
         position_ids[b, :n] = torch.tensor(r["position_ids"])
     packed = any(len(r["seq_lens"]) > 1 for r in rows)
     if packed:
-        attention_mask = block_causal_mask([r["seq_lens"] for r in rows], length)
+        attention_mask = packed_attention_mask(block_causal_mask([r["seq_lens"] for r in rows], length),
+                                               attn_implementation)
     else:
         attention_mask = torch.zeros((B, length), dtype=torch.long)
         for b, r in enumerate(rows):

@@ -1,0 +1,122 @@
+"""Plots a person would rather look at than read: reward distributions, PPO curves, the pipeline report.
+
+Each writes one PNG (matplotlib, Agg backend) and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from alignkit.engine import read_metrics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_distributions(dists: dict, path: str) -> str | None:
+    """PNG histogram of chosen vs rejected rewards, one panel per aspect."""
+    if not dists:
+        return None
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, len(dists), figsize=(5 * len(dists), 3.5), squeeze=False)
+    for ax, (aspect, (chosen, rejected)) in zip(axes[0], sorted(dists.items())):
+        lo, hi = min(chosen + rejected), max(chosen + rejected)
+        bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+        ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (n={len(chosen)})", color="tab:green")
+        ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (n={len(rejected)})", color="tab:red")
+        ax.set_title(f"reward: {aspect}")
+        ax.set_xlabel("raw score" if aspect != "combined" else "combined normalised reward")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+PLOTTED = ["objective/score", "objective/gold_reward", "objective/kl", "train/kl_coef", "objective/non_score_reward",
+           "policy/entropy", "policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance",
+           "rollout/response_length", "rollout/eos_share"]
+
+
+def plot_metrics(output_dir: str) -> str | None:
+    """output_dir/curves.png: one panel per logged PPO statistic (held-out evals as points)."""
+    plt = _pyplot()
+
+    rows = read_metrics(output_dir)
+    keys = [k for k in PLOTTED if any(k in r for r in rows)]
+    if not keys:
+        return None
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 2.8 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), lw=1.2)
+        ev = {"objective/score": "eval/score", "objective/gold_reward": "eval/gold_reward", "objective/kl": "eval/kl"}
+        if key in ev:
+            epts = [(r["step"], r[ev[key]]) for r in rows if ev[key] in r]
+            if epts:
+                ax.plot(*zip(*epts), "o--", ms=4, label="held-out")
+                ax.legend(fontsize=7)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("PPO update", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = os.path.join(output_dir, "curves.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_report(records: dict, rep: dict, path: str, ppo_dir: str) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    ax = axes[0, 0]
+    bins = torch.linspace(min(records["sft"]["gold"].min(), records["ppo"]["gold"].min()).item(),
+                          max(records["sft"]["gold"].max(), records["ppo"]["gold"].max()).item(), 30).tolist()
+    for name, color in (("sft", "tab:gray"), ("ppo", "tab:blue")):
+        ax.hist(records[name]["gold"].tolist(), bins=bins, alpha=0.6, color=color,
+                label=f"{name.upper()} mean {rep[name]['gold_reward']:.2f}")
+    ax.set_title(f"Gold reward on held-out prompts (PPO wins {rep['ppo_win_rate_vs_sft']:.0%})")
+    ax.legend()
+    ax = axes[0, 1]
+    if "learned" in records["sft"]:
+        for name, color in (("sft", "tab:gray"), ("ppo", "tab:blue")):
+            ax.hist(records[name]["learned"].tolist(), bins=30, alpha=0.6, color=color, label=name.upper())
+        ax.set_title("Learned (reward model) reward")
+        ax.legend()
+    ax = axes[1, 0]
+    names = ["KL to SFT (nats)", "response length", "EOS share"]
+    x = torch.arange(len(names)).float()
+    ax.bar((x - 0.2).tolist(), [rep["sft"]["kl_to_sft"], rep["sft"]["response_length"], rep["sft"]["eos_share"]],
+           width=0.4, color="tab:gray", label="SFT")
+    ax.bar((x + 0.2).tolist(), [rep["ppo"]["kl_to_sft"], rep["ppo"]["response_length"], rep["ppo"]["eos_share"]],
+           width=0.4, color="tab:blue", label="PPO")
+    ax.set_xticks(x.tolist(), names)
+    ax.legend()
+    ax = axes[1, 1]
+    rows = [m for m in read_metrics(ppo_dir) if "eval/gold_reward" in m]
+    if rows:
+        ax.plot([m["step"] for m in rows], [m["eval/gold_reward"] for m in rows], "o-", label="held-out gold reward")
+        if "eval/kl" in rows[0]:
+            ax2 = ax.twinx()
+            ax2.plot([m["step"] for m in rows], [m["eval/kl"] for m in rows], "s--", color="tab:red", label="KL")
+            ax2.set_ylabel("KL to reference (nats)")
+        ax.set_xlabel("PPO update")
+        ax.set_title("PPO training")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
