@@ -13,7 +13,8 @@ from conftest import ROOT
 
 STAGE_CLASSES = {"sft": ("alignkit.sft", "SFTConfig"), "rm": ("alignkit.rm", "RMConfig"),
                  "ppo": ("alignkit.ppo", "PPOConfig"), "pipeline": ("alignkit.pipeline", "PipelineConfig"),
-                 "dpo": ("alignkit.dpo", "DPOConfig"), "kto": ("alignkit.dpo", "KTOConfig")}
+                 "dpo": ("alignkit.dpo", "DPOConfig"), "kto": ("alignkit.dpo", "KTOConfig"),
+                 "classifier": ("alignkit.classifier", "ClassifierConfig")}
 
 
 def shipped_stage_configs():

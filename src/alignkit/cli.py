@@ -25,6 +25,7 @@ STAGES = {
     "ppo": ("alignkit.ppo", "PPOConfig", "train_ppo"),
     "dpo": ("alignkit.dpo", "DPOConfig", "train_dpo"),
     "kto": ("alignkit.dpo", "KTOConfig", "train_kto"),
+    "classifier": ("alignkit.classifier", "ClassifierConfig", "train_classifier"),
     "pipeline": ("alignkit.pipeline", "PipelineConfig", "run_pipeline"),
 }
 EXTRA_COMMANDS = {}  # name -> (add_arguments(parser), run(args) -> int); filled by modules below

@@ -88,11 +88,17 @@ class DPOSettings(PreferenceData):
     beta: float = 0.1
     # Conservative DPO: probability that a label is flipped (sigmoid loss only).
     label_smoothing: float = 0.0
+    # Weight of an SFT term on the chosen answer (mean NLL per token) added to each pair's loss: RPO
+    # (Pang et al. 2024, "Iterative reasoning preference optimization"; TRL's rpo_alpha). DPO alone
+    # can lower the chosen answer's likelihood too, and small models then lose their grammar.
+    sft_coef: float = 0.0
     # Reference model folder; null: the policy's starting weights (LoRA: the adapter switched off).
     reference: Optional[str] = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.sft_coef < 0:
+            raise ConfigError("dpo.sft_coef: must be >= 0")
         if self.loss not in ("sigmoid", "ipo"):
             raise ConfigError(f"dpo.loss: must be sigmoid or ipo, got {self.loss!r}")
         if self.beta <= 0:
@@ -183,7 +189,7 @@ def _settings(pref: PreferenceData, examples: list[Example]) -> RewardSettings:
                           annotators=pref.annotators, aggregation=pref.aggregation)
 
 
-class _Encoder:
+class AnswerEncoder:
     """Prompt + answer token ids through the one tokenization owner; prompts encoded once."""
 
     def __init__(self, tokenizer, data: DataConfig):
@@ -209,7 +215,7 @@ def dpo_elements(examples: list[Example], pref: DPOSettings, tokenizer, data: Da
     validate_labels(examples, settings)
     if settings.annotators == "aggregate":
         examples = aggregate(examples, settings.aggregation)
-    encode, elements, stats = _Encoder(tokenizer, data), [], {"pairs": 0, "dropped_answers": 0}
+    encode, elements, stats = AnswerEncoder(tokenizer, data), [], {"pairs": 0, "dropped_answers": 0}
     for ex in examples:
         comps, _ = comparisons_of(ex, settings)
         pairs = [(c.winner, c.loser) for c in comps if not c.tie]
@@ -259,7 +265,7 @@ def kto_elements(examples: list[Example], pref: KTOSettings, tokenizer, data: Da
         have, miss = ("desirable", "undesirable") if n_good else ("undesirable", "desirable")
         raise DataError([f"{where}: labels: KTO needs both desirable and undesirable answers, but all {len(rows)} "
                          f"labelled answers of aspect {pref.aspect!r} are {have} (no {miss} one)"])
-    encode, elements = _Encoder(tokenizer, data), []
+    encode, elements = AnswerEncoder(tokenizer, data), []
     answers = [encode(ex, ex.answers[j]) for ex, j, _ in rows]
     # z0's mismatched pairs: each row's prompt with the answer of the row after it in a seeded order.
     order = list(range(len(rows)))
@@ -436,6 +442,8 @@ def dpo_terms(logps, batch, elements_pairs, s: DPOSettings) -> Terms:
         losses = ipo_loss(logps[c], logps[r], ref[c], ref[r], s.beta, lengths[c], lengths[r])
     else:
         losses = dpo_loss(logps[c], logps[r], ref[c], ref[r], s.beta, s.label_smoothing)
+    if s.sft_coef:
+        losses = losses + s.sft_coef * -logps[c] / batch["answer_lengths"][c].clamp(min=1)
     n_groups = len(elements_pairs)
     per_group = losses.new_zeros(n_groups).index_add(0, group, losses)
     count = losses.new_zeros(n_groups).index_add(0, group, torch.ones_like(losses))
