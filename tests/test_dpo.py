@@ -207,3 +207,52 @@ def test_kto_and_ipo_train_and_write_summaries(tmp_path):
                         data={"eval_files": ["builtin:pairs:eval:16"]}))
     assert s["eval_before"]["rewards/margin"] == 0.0  # policy == reference before training
     assert s["eval_after"]["rewards/margin"] != 0.0
+
+
+# ----------------------------------------------------------------------------- gold reward on the built-in task
+
+
+@pytest.fixture(scope="module")
+def sft_policy(tmp_path_factory):
+    """A built-in SFT policy that writes grammatical answers most of the time (~30 s)."""
+    from alignkit.sft import SFTConfig, train_sft
+
+    out = tmp_path_factory.mktemp("sft_for_dpo")
+    train_sft(load_config(SFTConfig, data={
+        "data": {"train_files": ["builtin:sft:train:800"], "max_length": 64},
+        "train": {"max_steps": 200, "per_device_batch_size": 16, "learning_rate": 3e-3, "warmup_ratio": 0.05,
+                  "log_every": 50},
+        "log": {"progress": False}, "output_dir": str(out)}))
+    return str(out / "final")
+
+
+def held_out_gold(policy_dir, sft_dir):
+    """Gold reward of 128 held-out prompts sampled with one fixed seed, and KL to the SFT policy."""
+    from alignkit.config import DataConfig, ModelConfig
+    from alignkit.modeling import load_model
+    from alignkit.ppo import PPOSettings, evaluate, load_prompts
+    from alignkit.rewards import RewardSourceConfig, build_reward
+
+    tok = load_tokenizer(ModelConfig(name_or_path=policy_dir), padding_side="left")
+    prompts = load_prompts(["builtin:prompts:eval"], tok, DataConfig(max_length=32), 0, limit=128)
+    policy = load_model(ModelConfig(name_or_path=policy_dir), trainable=False)
+    sft = load_model(ModelConfig(name_or_path=sft_dir), trainable=False)
+    return evaluate(policy, sft, build_reward([RewardSourceConfig(name_or_path="builtin:gold")]), prompts, tok,
+                    PPOSettings(response_length=24), 64, "cpu", True, seed=1234)
+
+
+@pytest.mark.slow
+def test_dpo_raises_held_out_gold_reward(tmp_path, sft_policy):
+    # Measured: SFT -1.02 (std 1.59) -> DPO + RPO term -0.29, KL 0.4. Plain DPO (sft_coef 0) makes this tiny
+    # model lose its grammar (malformed answers 22% -> 52%) while its well-formed answers get more positive.
+    cfg = load_config(DPOConfig, data={
+        "model": {"name_or_path": sft_policy},
+        "data": {"train_files": ["builtin:pairs:train:2000"], "max_length": 64},
+        "train": {"max_steps": 120, "per_device_batch_size": 16, "learning_rate": 3e-4, "warmup_ratio": 0.05,
+                  "log_every": 40, "seed": 0},
+        "dpo": {"beta": 0.1, "sft_coef": 1.0}, "log": {"progress": False}, "output_dir": str(tmp_path / "dpo")})
+    summary = train_dpo(cfg)
+    assert summary["train"]["rewards/accuracy"] > 0.6
+    before, after = held_out_gold(sft_policy, sft_policy), held_out_gold(summary["final_dir"], sft_policy)
+    gain = after["eval/gold_reward"] - before["eval/gold_reward"]
+    assert gain > 0.3 * before["eval/gold_reward_std"], (before, after)
