@@ -12,7 +12,9 @@ from alignkit.sft import SFTConfig
 from conftest import ROOT
 
 STAGE_CLASSES = {"sft": ("alignkit.sft", "SFTConfig"), "rm": ("alignkit.rm", "RMConfig"),
-                 "ppo": ("alignkit.ppo", "PPOConfig"), "pipeline": ("alignkit.pipeline", "PipelineConfig")}
+                 "ppo": ("alignkit.ppo", "PPOConfig"), "pipeline": ("alignkit.pipeline", "PipelineConfig"),
+                 "dpo": ("alignkit.dpo", "DPOConfig"), "kto": ("alignkit.dpo", "KTOConfig"),
+                 "classifier": ("alignkit.classifier", "ClassifierConfig")}
 
 
 def shipped_stage_configs():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from alignkit.config import ConfigError, load_config
 from alignkit.rewards import ModelReward, RewardSourceConfig, encode_for_reward
 from alignkit.rollout import sample
-from alignkit.sft import SFTConfig, train_sft
+from alignkit.sft import SFTConfig
 from alignkit.tokenization import collate_sft, encode_pairs, sft_rows
 from conftest import ROOT
 

@@ -23,6 +23,9 @@ STAGES = {
     "sft": ("alignkit.sft", "SFTConfig", "train_sft"),
     "rm": ("alignkit.rm", "RMConfig", "train_rm"),
     "ppo": ("alignkit.ppo", "PPOConfig", "train_ppo"),
+    "dpo": ("alignkit.dpo", "DPOConfig", "train_dpo"),
+    "kto": ("alignkit.dpo", "KTOConfig", "train_kto"),
+    "classifier": ("alignkit.classifier", "ClassifierConfig", "train_classifier"),
     "pipeline": ("alignkit.pipeline", "PipelineConfig", "run_pipeline"),
 }
 EXTRA_COMMANDS = {}  # name -> (add_arguments(parser), run(args) -> int); filled by modules below

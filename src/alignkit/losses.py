@@ -1,8 +1,8 @@
-"""Loss and RL maths for the reward-model and PPO stages: small pure torch functions.
+"""Loss and RL maths for the reward-model, PPO, DPO/IPO and KTO stages: small pure torch functions.
 
 Nothing here imports a model, accelerate or transformers, so every function can be
 tested on hand-made tensors. Shapes: B batch rows, T response tokens, V vocabulary,
-K answers per prompt, P preference pairs. A `mask` is a bool (or 0/1) tensor that is
+K answers (or samples) per prompt, P preference pairs. A `mask` is a bool (or 0/1) tensor that is
 True on real tokens; values at masked positions may be garbage and never leak out.
 """
 
@@ -344,3 +344,154 @@ class FixedKLController:
 
     def update(self, current_kl, n_steps):
         return self.kl_coef
+
+
+# --------------------------------------------------------------------------- offline preference optimisation
+# A "log-prob" below is the sum of log pi(y_t | x, y_<t) over the answer tokens of one sequence
+# (Rafailov et al. 2023, sec. 4), and a log-ratio is policy log-prob minus reference log-prob.
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """Per-pair DPO loss `-log sigmoid(beta * h)`, h = chosen log-ratio - rejected log-ratio.
+
+    All inputs (P,) summed answer log-probs. Returns (P,) losses; take their (weighted) mean.
+    Rafailov et al. 2023, "Direct Preference Optimization", eq. 7. label_smoothing eps > 0 is
+    conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"): the label is
+    flipped with probability eps, loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    The implicit rewards are beta * log-ratio (`dpo_rewards`).
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(beta * h)
+    if label_smoothing:
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
+    return losses
+
+
+def dpo_rewards(policy_logps, ref_logps, beta):
+    """Implicit reward `beta * (log pi(y|x) - log ref(y|x))` of DPO and KTO: (N,) -> (N,), no gradient."""
+    return (beta * (policy_logps - ref_logps)).detach()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tau,
+             chosen_lengths=None, rejected_lengths=None):
+    """Per-pair IPO loss `(h - 1 / (2 tau))^2` on the log-ratio difference h. Inputs (P,), returns (P,).
+
+    Azar et al. 2023, "A general theoretical paradigm to understand learning from human
+    preferences", eq. 17 (tau is DPO's beta). With `chosen_lengths` / `rejected_lengths` (P,)
+    answer token counts, each log-ratio is averaged per token first, as the IPO authors' runs
+    and TRL do, so the target margin 1 / (2 tau) does not depend on answer length.
+    """
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    if chosen_lengths is not None:
+        chosen = chosen / chosen_lengths.clamp(min=1)
+        rejected = rejected / rejected_lengths.clamp(min=1)
+    return (chosen - rejected - 1 / (2 * tau)).pow(2)
+
+
+def kto_reference_point(kl_policy_logps, kl_ref_logps):
+    """KTO's reference point z0: a batch estimate of KL(policy || reference), clamped at 0, no gradient.
+
+    kl_policy_logps, kl_ref_logps: (B,) summed log-probs of *mismatched* pairs (prompt i with
+    the answer of another row), so z0 estimates the divergence on answers the policy was not
+    trained toward. z0 = max(0, mean(logp - ref_logp)). Ethayarajh et al. 2024, "KTO", sec. 4.1
+    (eq. 7 and the paragraph after it); with several processes average the mean over them first.
+    """
+    return (kl_policy_logps - kl_ref_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(policy_logps, ref_logps, desirable, z0, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """Per-answer KTO loss `lambda_y - v(x, y)`. Returns (B,) losses; take their mean.
+
+    policy_logps, ref_logps: (B,) summed answer log-probs; desirable: (B,) bool; z0: scalar
+    reference point (`kto_reference_point`, detached). With r = logp - ref_logp:
+    v = lambda_D * sigmoid(beta (r - z0)) for a desirable answer and
+    v = lambda_U * sigmoid(beta (z0 - r)) for an undesirable one, so the loss is
+    lambda_D (1 - sigmoid(beta (r - z0))) or lambda_U (1 - sigmoid(beta (z0 - r))).
+    Ethayarajh et al. 2024, "KTO: Model alignment as prospect theoretic optimization", eq. 8.
+    """
+    r = policy_logps - ref_logps
+    z0 = torch.as_tensor(z0, dtype=r.dtype, device=r.device).detach()
+    desirable = desirable.bool()
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    return torch.where(desirable, good, bad)
+
+
+def kto_default_weights(n_desirable, n_undesirable):
+    """(lambda_D, lambda_U) with lambda_D n_D / (lambda_U n_U) in [1, 4/3] (Ethayarajh et al. 2024, sec. 4.2).
+
+    Both 1 when the counts already satisfy the rule; with fewer desirable answers lambda_D is
+    raised to make the ratio 1; with more than 4/3 as many desirable ones lambda_U is raised to
+    make it 4/3. kto_default_weights(100, 300) == (3.0, 1.0); (400, 100) == (1.0, 3.0).
+    """
+    if n_desirable < 1 or n_undesirable < 1:
+        raise ValueError(f"KTO needs desirable and undesirable answers, got {n_desirable} and {n_undesirable}")
+    ratio = n_desirable / n_undesirable
+    if ratio < 1:
+        return 1 / ratio, 1.0
+    if ratio > 4 / 3:
+        return 1.0, ratio * 3 / 4
+    return 1.0, 1.0
+
+
+# --------------------------------------------------------------------------- critic-free advantages
+# Scores arrive as (B,) with the k samples of one prompt next to each other (B = prompts * k).
+# rloo/grpo return one advantage per response (B,): the loop gives it to every response token.
+
+
+def _groups(scores, k):
+    if k < 2:
+        raise ValueError(f"a group baseline needs at least 2 samples per prompt, got k={k}")
+    if scores.dim() != 1 or scores.numel() % k:
+        raise ValueError(f"scores must be (prompts * k,) with k={k} samples of a prompt side by side, "
+                         f"got shape {tuple(scores.shape)}")
+    return scores.view(-1, k)
+
+
+def rloo_advantages(scores, k):
+    """REINFORCE leave-one-out: A_i = r_i - mean of the other k - 1 scores of the same prompt.
+
+    scores: (B,) with B = prompts * k, the k samples of a prompt consecutive. Returns (B,).
+    Equals k / (k - 1) * (r_i - mean of all k). Ahmadian et al. 2024, "Back to basics:
+    revisiting REINFORCE style optimization for learning from human feedback in LLMs", eq. 7.
+    """
+    g = _groups(scores, k)
+    others = (g.sum(-1, keepdim=True) - g) / (k - 1)
+    return (g - others).reshape(-1)
+
+
+def grpo_advantages(scores, k, scale_by_std=True, eps=1e-4):
+    """Group-relative advantages: (r - group mean) / (group std + eps). scores (B,) -> (B,).
+
+    B = prompts * k, samples of a prompt consecutive; std is the unbiased one (as TRL). Shao et
+    al. 2024, "DeepSeekMath", sec. 4.1.2 (outcome supervision). scale_by_std=False is Dr. GRPO
+    (Liu et al. 2025, "Understanding R1-Zero-like training"): no division by std, which
+    up-weights prompts whose samples barely differ; the loop then also skips per-response length
+    normalisation. A group whose scores are all equal gets 0 either way.
+    """
+    g = _groups(scores, k)
+    centred = g - g.mean(-1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards, response_mask, gamma=1.0):
+    """REINFORCE++: discounted return-to-go of per-token rewards, whitened over the whole batch.
+
+    rewards, response_mask: (B, T) per-token rewards (-kl_coef * kl_t on every token plus the
+    score on the last, as `per_token_rewards` builds them), padding only at the end of a row.
+    G_t = r_t + gamma * G_{t+1}; advantages = masked_whiten(G) over every valid token of the
+    global batch (no critic, no per-prompt baseline). Returns (B, T), 0 on masked tokens.
+    Hu 2025, "REINFORCE++: a simple and efficient approach for aligning LLMs", sec. 3.
+    """
+    mask = response_mask.bool()
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return masked_whiten(returns, mask)

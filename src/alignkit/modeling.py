@@ -220,7 +220,10 @@ def same_vocab(tok_a, tok_b) -> bool:
 
 
 def check_reference_vocab(policy_tok, policy_model, ref_path: str, cfg: ModelConfig, what: str = "ppo.reference") -> None:
-    """A reference with a different vocabulary makes per-token log-ratios (KL, DPO) meaningless: refuse it."""
+    """A reference with a different vocabulary makes per-token log-ratios (KL, DPO) meaningless: refuse it.
+
+    ``policy_model`` may be None (not loaded yet): then only the tokenizers are compared.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_path(ref_path)
@@ -228,8 +231,8 @@ def check_reference_vocab(policy_tok, policy_model, ref_path: str, cfg: ModelCon
         ref_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{what} {ref_path}: cannot read its config ({e})") from None
-    n_policy = policy_model.get_input_embeddings().weight.shape[0]
-    if getattr(ref_cfg, "vocab_size", n_policy) != n_policy:
+    n_policy = policy_model.get_input_embeddings().weight.shape[0] if policy_model is not None else None
+    if n_policy is not None and getattr(ref_cfg, "vocab_size", n_policy) != n_policy:
         raise ModelLoadError(f"{what} {ref_path}: vocabulary of {ref_cfg.vocab_size} tokens, "
                              f"the policy has {n_policy}; the reference must share the policy's tokenizer")
     try:

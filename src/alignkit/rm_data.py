@@ -362,7 +362,8 @@ def pack_elements(elements: list[RMElement], pad_token_id: int, num_aspects: int
     prompt with as many of its answers as fit in ``row_length``). Returns the comparison tensors of
     ``collate_elements`` plus ``input_ids``/``position_ids`` (R, L), a
     (R, 1, L, L) bool ``attention_mask`` and ``read_index`` (N,): where each answer's score is read in the
-    flattened (R * L) tokens, in the flat answer order of ``collate_elements``.
+    flattened (R * L) tokens, in the flat answer order of ``collate_elements``, and ``token_index``
+    (N, longest answer): the flat position of each of an answer's tokens, -1 after its end.
     """
     seqs, batch = _comparison_tensors(elements, num_aspects)
     units = []  # (tokens, first flat answer, shared prefix length, answer indices)
@@ -390,6 +391,9 @@ def pack_elements(elements: list[RMElement], pad_token_id: int, num_aspects: int
     unit_of = torch.full((R, length), -1, dtype=torch.long)  # which unit a token belongs to (-1: padding)
     branch = torch.full((R, length), -1, dtype=torch.long)  # which answer (-1: the shared prefix)
     read_index = torch.zeros(len(seqs), dtype=torch.long)
+    # Where every token of every answer sits in the flattened rows (-1 after its end): the DPO stage reads
+    # next-token log-probs there (the prefix's last token predicts each answer's first token of its own).
+    token_index = torch.full((len(seqs), max(len(s) for s in seqs)), -1, dtype=torch.long)
     u_id = 0
     for r, row in enumerate(rows):
         t = 0
@@ -408,6 +412,8 @@ def pack_elements(elements: list[RMElement], pad_token_id: int, num_aspects: int
                 branch[r, t:t + n] = i
                 k = read_position(s, pad_token_id)
                 read_index[first + i] = r * length + (prefix_at + k if k < p else t + k - p)
+                token_index[first + i, :p] = r * length + prefix_at + torch.arange(p)
+                token_index[first + i, p:len(s)] = r * length + t + torch.arange(n)
                 t += n
             u_id += 1
     same = (unit_of[:, :, None] == unit_of[:, None, :]) & (unit_of[:, None, :] >= 0)
@@ -415,8 +421,7 @@ def pack_elements(elements: list[RMElement], pad_token_id: int, num_aspects: int
     mask = same & tree & torch.tril(torch.ones(length, length, dtype=torch.bool))
     mask |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no all-masked softmax row
     return {"input_ids": input_ids, "attention_mask": packed_attention_mask(mask[:, None], attn_implementation),
-            "position_ids": position_ids,
-            "read_index": read_index, **batch}
+            "position_ids": position_ids, "read_index": read_index, "token_index": token_index, **batch}
 
 
 

@@ -16,7 +16,8 @@ Native JSONL row (every field but ``prompt`` optional)::
         {"kind": "pairwise", "chosen": 0, "rejected": 1, "margin": 1.5},
         {"kind": "ranking", "order": [0, 1], "annotator": "a3"},           # best first
         {"kind": "rating", "answer": 1, "aspect": "harmlessness", "value": 4},
-        {"kind": "binary", "answer": 0, "good": true, "golden": true}],
+        {"kind": "binary", "answer": 0, "good": true, "golden": true},
+        {"kind": "binary", "answer": 1, "good": false, "category": "insult"}],  # category: optional
      "meta": {...}}
 
 TRL's formats are read directly: prompt-completion ``{prompt, completion}``
@@ -46,7 +47,7 @@ _LABEL_FIELDS = {
     "pairwise": {"chosen", "rejected", "tie", "strength", "margin"},
     "ranking": {"order"},
     "rating": {"answer", "value"},
-    "binary": {"answer", "good"},
+    "binary": {"answer", "good", "category"},
 }
 _COMMON_LABEL_FIELDS = {"kind", "annotator", "golden", "aspect"}
 
@@ -79,6 +80,7 @@ class Label:
     order: list[int] | None = None  # ranking, answer indices best first
     value: float | None = None  # rating
     good: bool | None = None  # binary
+    category: str | None = None  # binary: which kind of good/bad (Llama Guard style, e.g. "insult")
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind}
@@ -243,6 +245,8 @@ def _parse_label(raw, n_answers: int, where: str, f: str, problems: _Problems) -
             problems.add(where, f"{f}.value", f"expected a number, got {v!r}")
     if kind == "binary" and not isinstance(raw.get("good"), bool):
         problems.add(where, f"{f}.good", f"expected true or false, got {raw.get('good')!r}")
+    if kind == "binary" and raw.get("category") is not None and not isinstance(raw["category"], str):
+        problems.add(where, f"{f}.category", f"expected a string, got {raw['category']!r}")
     if len(problems.items) > n_before:
         return None
     kwargs = {k: raw[k] for k in raw if k != "kind"}

@@ -5,6 +5,7 @@
     alignkit data convert --from hh-rlhf --to trl-preference hh.jsonl pairs.jsonl
     alignkit data aggregate --method dawid_skene [--drop-below 0.6] votes.jsonl clean.jsonl
     alignkit data split data.jsonl --eval-fraction 0.1 --seed 0 --train-out train.jsonl --eval-out eval.jsonl
+    alignkit data filter --judge runs/classifier-tiny/final [--threshold 0.5] sft.jsonl kept.jsonl
 
 Inputs may be any importer format (detected from the first row unless --format is
 given) or ``builtin:<kind>[:<split>[:<n>]]``. Errors (bad rows, unknown formats) end
@@ -76,6 +77,16 @@ def register(sub) -> None:
     q.add_argument("--eval-out", required=True)
     add_format(q)
     q.set_defaults(func=cmd_split)
+
+    q = dsub.add_parser("filter", help="drop rows whose answers a trained judge (alignkit classifier) finds bad",
+                        epilog=EPILOG)
+    q.add_argument("--judge", required=True, help="a classifier folder written by `alignkit classifier` (final/)")
+    q.add_argument("--threshold", type=float, help="P(good) under this is bad (default: the judge's own)")
+    q.add_argument("--batch-size", type=int, default=32)
+    add_format(q)
+    q.add_argument("input")
+    q.add_argument("output")
+    q.set_defaults(func=cmd_filter)
 
 
 def load(paths, fmt: str = "auto", skip_bad: bool = False):
@@ -264,4 +275,15 @@ def cmd_split(args) -> int:
     print(json.dumps({"train": len(train), "eval": len(held_out), "train_out": args.train_out,
                       "eval_out": args.eval_out, "eval_prompts_in_train": overlap["exact_in_train"],
                       "eval_prompts_near_train": overlap["near_duplicate_in_train"]}))
+    return 0
+
+
+def cmd_filter(args) -> int:
+    from alignkit.classifier import Judge, filter_examples
+    from alignkit.schema import write_jsonl
+
+    kept, stats = filter_examples(load(args.input, args.format), Judge(args.judge, batch_size=args.batch_size),
+                                  args.threshold)
+    write_jsonl(kept, args.output)
+    print(json.dumps({"input": args.input, "output": args.output, **stats}))
     return 0

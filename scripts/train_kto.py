@@ -1,0 +1,12 @@
+"""KTO on the feedback schema, for `accelerate launch`.
+
+    accelerate launch scripts/train_kto.py --config configs/kto/tiny.yaml
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_kto.py --config configs/kto/tiny.yaml   # 2 CPU procs
+"""
+
+import sys
+
+from alignkit.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["kto", *sys.argv[1:]]))
