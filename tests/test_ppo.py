@@ -130,22 +130,27 @@ def test_masked_tokens_change_nothing_in_the_ppo_loss():
         torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
 
 
-def test_response_logprobs_equal_the_full_logits_computation():
-    """forward_response runs the LM head on the response positions only; same numbers as slicing full logits."""
-    from alignkit.losses import logprobs_from_logits
+def test_response_logprobs_equal_an_independent_computation():
+    """forward_response (left padding, position ids, LM head on the response positions only) gives, for every
+    response token, log softmax(logits / T) of that token computed from its own unpadded prefix alone."""
     from alignkit.rollout import _takes_logits_to_keep, forward_response
 
     policy, _ = _tiny_policy_and_value()
+    policy.eval()
     assert _takes_logits_to_keep(policy)
-    q, qm = left_pad([[4, 10, 11, 12, 6], [4, 13, 6]], pad_id=0)
+    prompts = [[4, 10, 11, 12, 6], [4, 13, 6]]
+    q, qm = left_pad(prompts, pad_id=0)
     resp, rmask, _ = truncate_after_eos(torch.tensor([[20, 21, 2, 0], [22, 23, 24, 2]]), 2, pad_id=0)
     ids, att, pos = sequence_inputs(q, qm, resp, rmask)
+    T = 0.7
     with torch.no_grad():
-        logits, logprobs = forward_response(policy, ids, att, pos, q.shape[1], 0.7)
-        full = policy(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, q.shape[1] - 1:-1]
-    assert logits.shape == full.shape == (2, 4, full.shape[-1])
-    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logprobs, logprobs_from_logits(full, ids[:, q.shape[1]:], 0.7), atol=1e-5, rtol=1e-5)
+        _, logprobs = forward_response(policy, ids, att, pos, q.shape[1], T)
+        for b, prompt in enumerate(prompts):
+            tokens = resp[b][rmask[b]].tolist()
+            for t, token in enumerate(tokens):
+                prefix = torch.tensor([prompt + tokens[:t]])
+                expected = torch.log_softmax(policy(input_ids=prefix).logits[0, -1].double() / T, -1)[token]
+                assert abs(logprobs[b, t].item() - expected.item()) < 1e-4, (b, t)
 
 
 # ----------------------------------------------------------------------------- reward sources
@@ -289,11 +294,36 @@ def test_short_run_writes_outputs_and_resume_matches_uninterrupted(tmp_path):
 
 
 def test_lora_run_uses_the_adapter_off_policy_as_reference(tmp_path):
-    cfg = tiny_cfg(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=1")
+    """With LoRA the reference is the policy with its adapter off: after updates the KL to it is non-zero
+    and equals the KL to an explicitly loaded frozen copy of the base on the same samples."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.losses import sequence_kl
+    from alignkit.modeling import load_tokenizer, resolve_path
+    from alignkit.rollout import load_prompts, rollout
+
+    cfg = tiny_cfg(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=3",
+                   "train.learning_rate=1e-2")
     summary = train_ppo(cfg)
     assert summary["memory_mode"] == "lora"
-    assert os.path.exists(os.path.join(cfg.output_dir, "final", "adapter_config.json"))
+    final = os.path.join(cfg.output_dir, "final")
+    assert os.path.exists(os.path.join(final, "adapter_config.json"))
     assert os.path.exists(os.path.join(cfg.output_dir, "final_value", "adapter_config.json"))
+    policy = AutoPeftModelForCausalLM.from_pretrained(final).eval()
+    frozen_copy = AutoModelForCausalLM.from_pretrained(resolve_path("builtin:tiny")).eval()
+    tok = load_tokenizer(cfg.model, padding_side="left")
+    prompts = load_prompts(["builtin:prompts:eval:16"], tok, cfg.data, seed=0)
+    reward = build_reward([RewardSourceConfig(name_or_path="builtin:gold")])
+    runs = []
+    for reference in (None, frozen_copy):
+        torch.manual_seed(3)
+        runs.append(rollout(policy, reference, reward, prompts, tok, 8, 1.0, 8, "cpu"))
+    off, copy = runs
+    assert torch.equal(off.response, copy.response)
+    torch.testing.assert_close(off.ref_logprobs, copy.ref_logprobs, atol=1e-5, rtol=1e-5)
+    kl = sequence_kl(off.logprobs, off.ref_logprobs, off.response_mask)
+    assert kl.abs().mean() > 1e-3
 
 
 def test_value_model_starts_from_the_reward_model(tmp_path):
@@ -339,17 +369,30 @@ def test_shared_base_trains_policy_and_value_adapters_on_one_base(tmp_path):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_lora_on_a_4bit_base(tmp_path, shared):
+    """4-bit base + LoRA: the run trains the adapter (it moves away from its zero-B start)."""
+    from safetensors.torch import load_file
+
     cfg = tiny_cfg(tmp_path, "model.load_in_4bit=true", "model.lora.enabled=true", "model.lora.r=4",
                    f"ppo.shared_base={str(shared).lower()}", "train.max_steps=1")
     summary = train_ppo(cfg)
     assert summary["memory_mode"] == ("shared_base-4bit" if shared else "lora-4bit")
     assert torch.isfinite(torch.tensor(summary["last"]["loss/value"]))
+    adapter = load_file(os.path.join(cfg.output_dir, "final", "adapter_model.safetensors"))
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0
 
 
 def test_ppo_ptx_mixes_in_the_sft_loss(tmp_path):
-    cfg = tiny_cfg(tmp_path, "ppo.ptx_coef=0.5", "ppo.ptx_files=[builtin:sft:train:16]", "train.max_steps=1")
-    summary = train_ppo(cfg)
-    assert summary["last"]["loss/ptx"] > 0
+    """The ptx term changes the update: same seed, same rollouts, different weights with and without it."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for coef in (0.5, 0.0):
+        cfg = tiny_cfg(tmp_path / str(coef), f"ppo.ptx_coef={coef}", "ppo.ptx_files=[builtin:sft:train:16]",
+                       "train.max_steps=1")
+        summary = train_ppo(cfg)
+        assert (summary["last"].get("loss/ptx", 0) > 0) == (coef > 0)
+        weights.append(load_file(os.path.join(cfg.output_dir, "final", "model.safetensors")))
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) > 1e-6
     with pytest.raises(ConfigError, match="ppo.ptx_files"):
         tiny_cfg(tmp_path, "ppo.ptx_coef=0.5")
 
