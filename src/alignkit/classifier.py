@@ -40,6 +40,7 @@ from alignkit.rm import RewardForward, save_reward_model
 from alignkit.rm_data import OVERALL, RMElement, aggregate, pack_elements
 from alignkit.schema import DataError, Example, feedback_counts, load_examples
 from alignkit.sft import EpochSampler
+from alignkit.tokenization import right_pad
 
 
 @dataclass
@@ -172,12 +173,7 @@ def collate(items: list[Judged], pad_token_id: int, max_length: int, packing: bo
                               attn_implementation=attn_implementation)
         batch = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "read_index")}
     else:
-        length = max(len(it.sequence) for it in items)
-        input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, it in enumerate(items):
-            input_ids[i, :len(it.sequence)] = torch.tensor(it.sequence)
-            attention_mask[i, :len(it.sequence)] = 1
+        input_ids, attention_mask = right_pad([it.sequence for it in items], pad_token_id)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     return {**batch, "bad": torch.tensor([int(not it.good) for it in items]),
             "category": torch.tensor([it.category for it in items])}

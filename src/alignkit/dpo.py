@@ -67,7 +67,7 @@ from alignkit.rm_data import (
 )
 from alignkit.schema import DataError, Example, feedback_counts, load_examples
 from alignkit.sft import make_loader
-from alignkit.tokenization import IGNORE_INDEX, encode_answer, encode_prompt, fit_length
+from alignkit.tokenization import IGNORE_INDEX, encode_answer, encode_prompt, fit_length, right_pad
 
 PAIR_KINDS = ("pairwise", "ranking")
 
@@ -340,12 +340,8 @@ def collate(elements: list[Element], pad_token_id: int, max_length: int, packing
         token_index = batch["token_index"]
         batch = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     else:
-        length = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, :len(s)] = torch.tensor(s)
-            attention_mask[i, :len(s)] = 1
+        input_ids, attention_mask = right_pad(seqs, pad_token_id)
+        length = input_ids.shape[1]
         token_index = torch.arange(len(seqs))[:, None] * length + torch.arange(length)[None]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": torch.arange(length).expand(len(seqs), length).clone()}

@@ -44,7 +44,7 @@ from alignkit.adapters import (
     read_adapter_head,
 )
 from alignkit.modeling import DTYPES, ModelLoadError, backbone_and_head, head_outputs, resolve_path
-from alignkit.tokenization import encode_answer, encode_prompt
+from alignkit.tokenization import encode_answer, encode_prompt, right_pad
 
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -199,15 +199,9 @@ def score_sequences(model, sequences: list[list[int]], pad_token_id: int | None,
         device = next(iter(model.parameters())).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = [None] * len(sequences)
-    fill = pad_token_id if pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        length = max(len(sequences[i]) for i in idx)
-        input_ids = torch.full((len(idx), length), fill, dtype=torch.long)
-        attention_mask = torch.zeros((len(idx), length), dtype=torch.long)
-        for b, i in enumerate(idx):
-            input_ids[b, :len(sequences[i])] = torch.tensor(sequences[i])
-            attention_mask[b, :len(sequences[i])] = 1
+        input_ids, attention_mask = right_pad([sequences[i] for i in idx], pad_token_id)
         scores = reward_scores(model, input_ids.to(device), attention_mask.to(device), pad_token_id).float().cpu()
         for b, i in enumerate(idx):
             out[i] = scores[b]

@@ -22,7 +22,7 @@ from alignkit.config import ConfigError
 from alignkit.losses import MARGIN_TABLES, ranking_to_pairs
 from alignkit.rewards import encode_for_reward, read_position
 from alignkit.schema import DataError, Example, Label, demonstrations, load_examples
-from alignkit.tokenization import encode_answer, encode_prompt, fit_length, packed_attention_mask
+from alignkit.tokenization import encode_answer, encode_prompt, fit_length, packed_attention_mask, right_pad
 
 if TYPE_CHECKING:
     from alignkit.rm import RMConfig
@@ -316,12 +316,7 @@ def collate_elements(elements: list[RMElement], pad_token_id: int, num_aspects: 
     """Answers of every element, flat and right-padded, with comparisons indexing into the flat
     (answers x aspects) reward vector; ``group`` is the element, so each prompt's pairs average first."""
     seqs, batch = _comparison_tensors(elements, num_aspects)
-    length = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, :len(s)] = torch.tensor(s)
-        attention_mask[i, :len(s)] = 1
+    input_ids, attention_mask = right_pad(seqs, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, **batch}
 
 

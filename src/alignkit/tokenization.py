@@ -185,3 +185,14 @@ def collate_sft(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1
             attention_mask[b, :len(r["input_ids"])] = 1
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask,
             "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+
+
+def right_pad(seqs: list[list[int]], pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences -> right-padded (N, L) input ids and their 0/1 attention mask."""
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_token_id if pad_token_id is not None else 0, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, :len(s)] = 1
+    return input_ids, attention_mask
