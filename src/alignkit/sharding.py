@@ -123,17 +123,17 @@ def shard_model(model: torch.nn.Module, accelerator, opts: ShardingSettings,
     (LoRA on a frozen base, a frozen reference model) shard alike. Every process must hold the
     same initial weights (all load the same folder with the same seed). Returns ``model``.
     """
-    init_process_group(accelerator.device)
+    blocks = tuple(layer_classes(model, opts))
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise ConfigError(f"{opts.source}: {meta[0]} is on the meta device (weights not loaded on this process)")
+    init_process_group(accelerator.device)
     model.to(accelerator.device)
     mesh = dist.device_mesh.init_device_mesh(accelerator.device.type, (dist.get_world_size(),))
     kwargs = dict(mesh=mesh, reshard_after_forward=opts.reshard_after_forward,
                   mp_policy=mixed_precision_policy(mixed_precision or accelerator.mixed_precision))
     if opts.offload_params:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    blocks = tuple(layer_classes(model, opts))
     for module in model.modules():
         if isinstance(module, blocks) and not isinstance(module, FSDPModule):
             fully_shard(module, **kwargs)
