@@ -42,10 +42,13 @@ def test_sharded_sft_matches_one_process_and_resumes_resharded(tmp_path):
                                         "train.mixed_precision=no", "log.progress=false", "train.save_every=0",
                                         "data.eval_files=[builtin:sft:eval:32]"])
     train_sft(one)
-    two = run([*LAUNCH, os.path.join(ROOT, "scripts/train_sft.py"), *COMMON, "--train.per_device_batch_size=4",
-               "--train.sharding=fsdp2", f"--output_dir={tmp_path / 'two'}"])
+    # The shipped accelerate FSDP config, on CPU: two gloo processes, sharding switched on by the config alone.
+    two = run([LAUNCH[0], "launch", "--config_file", os.path.join(ROOT, "configs/accelerate/fsdp.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", os.path.join(ROOT, "scripts/train_sft.py"), *COMMON,
+               "--train.per_device_batch_size=4", f"--output_dir={tmp_path / 'two'}"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.load(open(tmp_path / "two" / "summary.json"))["num_processes"] == 2
+    assert "sharding: fsdp2" in (tmp_path / "two" / "config.yaml").read_text()
     assert len(losses(tmp_path / "one")) == 6
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     ref = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))

@@ -45,6 +45,7 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
 
     if sharding.requested(train):
         sharding.settings(train)  # a bad sharding option stops the run here, before any model loads
+        train.sharding = "fsdp2"  # also when an accelerate FSDP config asked: the saved config.yaml says so
     if train.num_threads > 0:
         torch.set_num_threads(train.num_threads)
     trackers = [t for t in log.trackers if t != "jsonl"]
