@@ -5,6 +5,7 @@ their unsharded copies, and bad sharding options stop the run with a message nam
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,15 @@ def test_a_sharded_checkpoint_resumed_without_sharding_names_the_fix(tmp_path):
     (ckpt / sharding.META_FILE).write_text(json.dumps({"engine": "fsdp2", "world_size": 2, "models": ["model"]}))
     with pytest.raises(engine.TrainingError, match="a sharded .FSDP2. checkpoint; resume it with train.sharding=fsdp2"):
         engine.load_checkpoint(None, str(ckpt), {"model": torch.nn.Linear(2, 2)}, {}, {})
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --cpu: its FSDP2 one-process row on a tiny Qwen2, printed as the table.
+    (All seven rows on CPU: `bash benchmarks/gpu_check.sh --cpu`, a few minutes.)"""
+    out = run(["bash", os.path.join(ROOT, "benchmarks/gpu_check.sh"), "--cpu", "--only", "3",
+               "--workdir", str(tmp_path)], env={"PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model: Qwen2 architecture, random weights" in out.stdout
+    assert re.search(r"SFT full, bf16, FSDP2 \(1 process\) \| ok +\| [\d,.]+ tokens/s \| [\d,]+ MB RSS", out.stdout)
+    assert "sharding: fsdp2" in (tmp_path / "sft_fsdp2" / "config.yaml").read_text()
