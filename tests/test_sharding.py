@@ -154,3 +154,27 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "model: Qwen2 architecture, random weights" in out.stdout
     assert re.search(r"SFT full, bf16, FSDP2 \(1 process\) \| ok +\| [\d,.]+ tokens/s \| [\d,]+ MB RSS", out.stdout)
     assert "sharding: fsdp2" in (tmp_path / "sft_fsdp2" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_sharded_reward_model_matches_one_process(tmp_path):
+    """RM training (packed pairs), global batch 16 = 1 x 16 = 2 x 8: same loss curve and final weights."""
+    common = ["--config", os.path.join(ROOT, "configs/rm/tiny.yaml"), "--train.max_steps=4", "--train.log_every=1",
+              "--train.mixed_precision=no", "--log.progress=false", "--data.eval_files=[]", "--train.save_every=0",
+              "--rm.normalize_on=[builtin:sft:train:32]"]
+    one = run([sys.executable, "-m", "alignkit.cli", "rm", *common, f"--output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run([*LAUNCH, os.path.join(ROOT, "scripts/train_rm.py"), *common, "--train.per_device_batch_size=8",
+               "--train.sharding=fsdp2", f"--output_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(losses(tmp_path / "one")) == 4
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    ref = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    final = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert sorted(final) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(final[k], ref[k], atol=1e-5, rtol=1e-4)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "two" / "final"))
+    assert model.config.alignkit_reward["aspects"] == ["overall"]

@@ -92,6 +92,11 @@ def gathered(model):
     return sharding.unsharded(model) if sharding.is_sharded(model) else nullcontext(model)
 
 
+def full_state(model) -> dict | None:
+    """A sharded model's whole state on rank 0 (collective: every process calls it); None when not sharded."""
+    return sharding.full_state_dict(model) if sharding.is_sharded(model) else None
+
+
 def save_final(accelerator, model, tokenizer, out_dir: str, model_cfg) -> None:
     """The final ``save_pretrained`` folder (full model or adapter, safetensors), loadable on one process."""
     from alignkit.modeling import save_model

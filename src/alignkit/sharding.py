@@ -137,12 +137,33 @@ def shard_model(model: torch.nn.Module, accelerator, opts: ShardingSettings,
     for module in model.modules():
         if isinstance(module, blocks) and not isinstance(module, FSDPModule):
             fully_shard(module, **kwargs)
-    fully_shard(model, **kwargs)  # the rest: embeddings, final norm, output head (tied or not), heads
+    backbone, heads = _backbone_and_heads(model)
+    if backbone is not None:
+        # Reward and value models call the backbone and the score head directly (modeling.head_outputs),
+        # never the root's forward: each needs its own unit to gather its weights when called.
+        for module in (backbone, *heads):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)  # the rest: embeddings, final norm and a tied output head when not split above
     return model
 
 
+def _backbone_and_heads(model: torch.nn.Module):
+    """(backbone, [heads]) of a Hugging Face model (inside peft too), or (None, []) when a head shares
+    the backbone's weights (tied input/output embeddings: they must stay in one unit, the root)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(hf, getattr(hf, "base_model_prefix", "") or "", None)
+    if not isinstance(backbone, torch.nn.Module) or backbone is hf:
+        return None, []
+    inner = {id(p) for p in backbone.parameters()}
+    heads = [c for c in hf.children() if c is not backbone and any(True for _ in c.parameters())]
+    if any(id(p) in inner for h in heads for p in h.parameters()):
+        return None, []
+    return backbone, heads
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    """Whether ``model`` is, or wraps (e.g. a training-forward wrapper), an FSDP2-sharded module."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
@@ -162,11 +183,14 @@ def clip_grad_norm(params, max_norm: float) -> float:
 @contextmanager
 def no_sync(model: torch.nn.Module):
     """Accumulate gradients locally (no reduce-scatter) for the micro-batches before the last one."""
-    model.set_requires_gradient_sync(False)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_requires_gradient_sync(False, recurse=False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        for m in units:
+            m.set_requires_gradient_sync(True, recurse=False)
 
 
 @contextmanager
@@ -186,9 +210,9 @@ def unsharded(model: torch.nn.Module):
     finally:
         for m in units:
             m.reshard()
-        # Layers free their weights after forward again; the root never does (FSDP2's default).
+        # Layers free their weights after forward again; the root (first unit) never does (FSDP2's default).
         for m in units:
-            m.set_reshard_after_forward(m is not model, recurse=False)
+            m.set_reshard_after_forward(m is not units[0], recurse=False)
 
 
 def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
