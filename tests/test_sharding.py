@@ -178,3 +178,14 @@ def test_sharded_reward_model_matches_one_process(tmp_path):
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "two" / "final"))
     assert model.config.alignkit_reward["aspects"] == ["overall"]
+
+
+def test_ppo_under_sharding_is_a_config_error_naming_the_key(monkeypatch):
+    from alignkit.ppo import PPOConfig
+
+    path = os.path.join(ROOT, "configs/ppo/tiny_shared_base.yaml")
+    with pytest.raises(ConfigError, match="train.sharding: the PPO stage does not run under FSDP2 yet"):
+        load_config(PPOConfig, path, ["train.sharding=fsdp2"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an accelerate FSDP config alone
+    with pytest.raises(ConfigError, match="ppo.shared_base never will"):
+        load_config(PPOConfig, path)
