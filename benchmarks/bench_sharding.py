@@ -7,7 +7,8 @@ A ~50M-parameter Llama (random weights) as policy, value model (backbone + head)
 reference, each sharded right after it is built when sharding is on. Each update: a rollout
 generated with the policy's weights gathered (``engine.gathered``), reference log-probs, then one
 PPO step (clipped policy loss + value loss, ``alignkit.losses``) through ``engine.optimizer_step``.
-Every process reports its peak RSS (``ru_maxrss``) and the RSS growth while ``generate`` ran.
+Every process reports its peak RSS (``ru_maxrss``) and the RSS growth while ``generate`` ran
+(``BENCH_PHASES=1`` also prints RSS after each phase).
 Runs on CPU with gloo (``torch.distributed.run``); results in benchmarks/README.md.
 """
 
@@ -58,10 +59,13 @@ def worker(args) -> None:
         torch.manual_seed(0)
         return engine.shard(make(), accelerator, train)
 
+    phases = {"start": rss_mb()}
     policy = build(lambda: LlamaForCausalLM(cfg))
+    phases["policy built"] = rss_mb()
     n_params = sum(p.numel() for p in policy.parameters())
     value = build(Value)
     reference = build(lambda: LlamaForCausalLM(cfg).requires_grad_(False).eval())
+    phases["models built"] = rss_mb()
     params = [(n, p) for m in (policy, value) for n, p in m.named_parameters()]
     opt, sched = engine.make_optimizer(None, train, 100, params=params)
     g = torch.Generator().manual_seed(accelerator.process_index)
@@ -86,8 +90,13 @@ def worker(args) -> None:
         lp = logprobs_from_logits(policy(input_ids=ids).logits[:, context - 1:-1], ids[:, context:])
         pg, _, _ = policy_loss(lp, old_lp, advantages, mask, 0.2)
         vf, _ = value_loss(value(ids)[:, context - 1:-1], old_values, old_values + advantages, mask, 0.2)
+        phases["forward done"] = rss_mb()
         (pg + 0.1 * vf).backward()
+        phases["backward done"] = rss_mb()
         engine.optimizer_step(accelerator, [p for _, p in params], opt, sched, 1.0)
+        phases["step done"] = rss_mb()
+    if os.environ.get("BENCH_PHASES"):
+        print(accelerator.process_index, {k: round(v) for k, v in phases.items()}, flush=True)
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, max(generate_growth)])
     peaks = accelerator.gather(peak.unsqueeze(0))
     if accelerator.is_main_process:
@@ -105,6 +114,7 @@ def main() -> int:
     p.add_argument("--updates", type=int, default=2)
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
     p.add_argument("--runs", default="none:1,fsdp2:2", help="sharding:processes, comma-separated")
+    p.add_argument("--malloc-default", action="store_true", help="keep glibc's default mmap threshold")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sharding", default="none", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -113,12 +123,17 @@ def main() -> int:
         worker(args)
         return 0
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "OMP_NUM_THREADS": "1"}
+    if not args.malloc_default:
+        # Buffers over 64 KB are mmapped and go back to the OS when freed, so RSS tracks live memory.
+        # With glibc's default, the all-gather buffers FSDP frees after every layer stay in the heap
+        # and the high-water mark counts them (see benchmarks/README.md).
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     print("| sharding | processes | parameters per model | peak RSS per process (MB) | RSS growth in generate (MB) |")
     print("|---|---|---|---|---|")
     for run in args.runs.split(","):
         sharding, n = run.split(":")
         out = tempfile.mktemp(suffix=".json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", "29531",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", str(29500 + os.getpid() % 1000),
                os.path.abspath(__file__), "--worker", "--sharding", sharding, "--out", out,
                *[f"--{k}={getattr(args, k)}" for k in ("layers", "width", "batch", "response", "updates", "precision")]]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -126,6 +141,8 @@ def main() -> int:
             print(r.stderr[-3000:], file=sys.stderr)
             return 1
         res = json.load(open(out))
+        if os.environ.get("BENCH_PHASES"):
+            print(r.stdout.strip(), flush=True)
         print(f"| {sharding} | {n} | {res['parameters_per_model'] / 1e6:.1f}M | "
               f"{', '.join(f'{x:,.0f}' for x in res['peak_rss_mb'])} | "
               f"{', '.join(f'{x:,.0f}' for x in res['generate_rss_growth_mb'])} |", flush=True)
