@@ -115,6 +115,10 @@ class TrainConfig:
     # CPU threads for torch (0: torch's default). Tiny models train faster on 1 thread than on
     # several, which mostly wait on each other.
     num_threads: int = 0
+    # none: every process holds the whole model (data parallel). fsdp2: every decoder layer and the
+    # model are sharded over the processes with FSDP2 (alignkit.sharding); also switched on by an
+    # accelerate FSDP config (configs/accelerate/fsdp.yaml).
+    sharding: str = "none"
 
     def __post_init__(self):
         # YAML reads a bare `no` as false, which OmegaConf hands a str field as "False".
@@ -124,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision: must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("train.per_device_batch_size and train.gradient_accumulation_steps must be >= 1")
+        if self.sharding not in ("none", "fsdp2"):
+            raise ConfigError(f"train.sharding: must be none or fsdp2, got {self.sharding!r}")
 
 
 @dataclass

@@ -13,10 +13,12 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+from alignkit import sharding
 from alignkit.config import LogConfig, TrainConfig, to_dict
 
 
@@ -41,6 +43,9 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
 
+    if sharding.requested(train):
+        sharding.settings(train)  # a bad sharding option stops the run here, before any model loads
+        train.sharding = "fsdp2"  # also when an accelerate FSDP config asked: the saved config.yaml says so
     if train.num_threads > 0:
         torch.set_num_threads(train.num_threads)
     trackers = [t for t in log.trackers if t != "jsonl"]
@@ -58,6 +63,50 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")),
     )
     return acc
+
+
+def shard(model, accelerator, train: TrainConfig, mixed_precision: str | None = None):
+    """Shard ``model`` over the processes with FSDP2 when the run asks for it (``train.sharding: fsdp2`` or
+    an accelerate FSDP config); otherwise return it as is. Call before building its optimizer."""
+    if not sharding.requested(train):
+        return model
+    return sharding.shard_model(model, accelerator, sharding.settings(train), mixed_precision)
+
+
+def prepare(accelerator, model, optimizer, *loaders):
+    """``accelerator.prepare``: DDP for a whole model; a sharded model and its optimizer stay as they
+    are (FSDP2 already reduces its gradients) and only the data loaders are split over processes."""
+    if sharding.is_sharded(model):
+        return (model, optimizer, *(accelerator.prepare(loader) for loader in loaders))
+    return accelerator.prepare(model, optimizer, *loaders)
+
+
+def no_sync(accelerator, model):
+    """Accumulate this micro-batch's gradients without the cross-process reduction (DDP or FSDP2)."""
+    return sharding.no_sync(model) if sharding.is_sharded(model) else accelerator.no_sync(model)
+
+
+def gathered(model):
+    """Full weights on every process for a block with an uneven number of forward passes per process
+    (generation, evaluating each process's own slice); a no-op for an unsharded model."""
+    return sharding.unsharded(model) if sharding.is_sharded(model) else nullcontext(model)
+
+
+def full_state(model) -> dict | None:
+    """A sharded model's whole state on rank 0 (collective: every process calls it); None when not sharded."""
+    return sharding.full_state_dict(model) if sharding.is_sharded(model) else None
+
+
+def save_final(accelerator, model, tokenizer, out_dir: str, model_cfg) -> None:
+    """The final ``save_pretrained`` folder (full model or adapter, safetensors), loadable on one process."""
+    from alignkit.modeling import save_model
+
+    accelerator.wait_for_everyone()
+    if sharding.is_sharded(model):
+        sharding.save_pretrained(model, tokenizer, out_dir, accelerator, model_cfg)
+    elif accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, out_dir, model_cfg)
+    accelerator.wait_for_everyone()
 
 
 def _has_accelerator() -> bool:
@@ -193,7 +242,11 @@ def start_run(accelerator, cfg, models: dict, optimizers: dict, schedulers: dict
 
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the (already accumulated) gradients, step optimizer and schedule, clear; return the grad norm."""
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    params = list(params)
+    if any(isinstance(p, torch.distributed.tensor.DTensor) for p in params):
+        grad_norm = sharding.clip_grad_norm(params, max_grad_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -302,19 +355,29 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def save_checkpoint(accelerator, output_dir: str, step: int, models: dict, optimizers: dict, schedulers: dict,
                     state: dict, keep: int = 2) -> str | None:
     """Write ``output_dir/checkpoint-<step>/``: trainable weights as safetensors, optimizer and
-    scheduler states as plain tensors, and ``state.json``; keep the newest ``keep``."""
+    scheduler states as plain tensors, and ``state.json``; keep the newest ``keep``.
+
+    Sharded models and their optimizers go to a distributed checkpoint instead (every process
+    writes its shards, :func:`alignkit.sharding.save_checkpoint`)."""
     from safetensors.torch import save_file
 
     accelerator.wait_for_everyone()
     path = os.path.join(output_dir, f"{CKPT_PREFIX}{step}")
+    tmp = path + ".tmp"
     if accelerator.is_main_process:
-        tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    sharded = {n: m for n, m in models.items() if sharding.is_sharded(m)}
+    if sharded:
+        sharding.save_checkpoint(tmp, sharded, {n: o for n, o in optimizers.items() if n in sharded})
+    if accelerator.is_main_process:
         for name, model in models.items():
-            save_file(trainable_state(accelerator.unwrap_model(model)), os.path.join(tmp, f"{name}.safetensors"))
+            if name not in sharded:
+                save_file(trainable_state(accelerator.unwrap_model(model)), os.path.join(tmp, f"{name}.safetensors"))
         for name, opt in optimizers.items():
-            torch.save(opt.state_dict(), os.path.join(tmp, f"{name}.optimizer.pt"))
+            if name not in sharded:
+                torch.save(opt.state_dict(), os.path.join(tmp, f"{name}.optimizer.pt"))
         for name, sched in schedulers.items():
             with open(os.path.join(tmp, f"{name}.scheduler.json"), "w") as f:
                 json.dump(sched.state_dict(), f, default=_json_default)
@@ -356,7 +419,16 @@ def latest_checkpoint(output_dir: str) -> str | None:
 def load_checkpoint(accelerator, path: str, models: dict, optimizers: dict, schedulers: dict) -> dict:
     from safetensors.torch import load_file
 
+    sharded = {n: m for n, m in models.items() if sharding.is_sharded(m)}
+    if sharded:
+        written_by = sharding.load_checkpoint(path, sharded, {n: o for n, o in optimizers.items() if n in sharded})
+        if written_by != accelerator.num_processes:
+            accelerator.print(f"{path}: written by {written_by} processes, resharded onto {accelerator.num_processes}")
+    elif os.path.exists(os.path.join(path, sharding.META_FILE)):
+        raise TrainingError(f"{path}: a sharded (FSDP2) checkpoint; resume it with train.sharding=fsdp2")
     for name, model in models.items():
+        if name in sharded:
+            continue
         tensors = load_file(os.path.join(path, f"{name}.safetensors"))
         target = accelerator.unwrap_model(model)
         params = dict(target.named_parameters())
@@ -367,6 +439,8 @@ def load_checkpoint(accelerator, path: str, models: dict, optimizers: dict, sche
             for n, t in tensors.items():
                 params[n].copy_(t.to(params[n].dtype))
     for name, opt in optimizers.items():
+        if name in sharded:
+            continue
         opt.load_state_dict(torch.load(os.path.join(path, f"{name}.optimizer.pt"), weights_only=True,
                                        map_location="cpu"))
     for name, sched in schedulers.items():

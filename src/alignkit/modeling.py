@@ -152,14 +152,16 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_model(model, tokenizer, out_dir: str, cfg: ModelConfig | None = None) -> None:
+def save_model(model, tokenizer, out_dir: str, cfg: ModelConfig | None = None, state_dict: dict | None = None) -> None:
     """``save_pretrained`` (safetensors) of a full model or a LoRA adapter, plus the tokenizer.
+
+    ``state_dict``: the full weights to write instead of the model's own (a sharded model's, gathered).
 
     With ``cfg.lora.merge_on_save`` also write ``<out_dir>_merged``: the base model with the
     adapter merged in, loadable without peft.
     """
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     if cfg is not None and is_peft(model) and cfg.lora.merge_on_save:
         export_merged(out_dir, out_dir.rstrip("/") + "_merged", cfg)

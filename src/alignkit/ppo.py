@@ -41,7 +41,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from alignkit import engine
+from alignkit import engine, sharding
 from alignkit.adapters import AdapterHead, SharedBase, save_adapter_head
 from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig
 from alignkit.losses import (
@@ -175,6 +175,10 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
 
     def __post_init__(self):
+        if sharding.requested(self.train):  # train.sharding=fsdp2 or an accelerate FSDP config
+            raise ConfigError("train.sharding: the PPO stage does not run under FSDP2 yet (SFT and the reward model "
+                              "do; ppo.shared_base never will: its adapters switch on one base inside a step); use "
+                              "train.sharding=none with configs/accelerate/multi_gpu.yaml")
         minibatch = self.ppo.rollout_batch_size // self.ppo.num_minibatches
         if minibatch % self.train.gradient_accumulation_steps:
             raise ConfigError(f"train.gradient_accumulation_steps={self.train.gradient_accumulation_steps} does not "

@@ -145,6 +145,7 @@ def train_rm(cfg: RMConfig) -> dict:
     model.config.use_cache = False  # no KV cache while training
     engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)
+    model = engine.shard(model, accelerator, cfg.train)  # FSDP2 when train.sharding=fsdp2: optimizer on the shards
     # `model` stays the plain sequence classifier (evaluated, checkpointed and saved as such); accelerate
     # prepares the training forward around it. Packed, each answer's score is read at its own read position.
     packed = cfg.data.packing and backbone_and_head(model) is not None
@@ -160,13 +161,15 @@ def train_rm(cfg: RMConfig) -> dict:
                                                sampler=EpochSampler(len(train_elements), cfg.train.seed))
     _, total_steps = engine.plan_steps(len(train_elements), accelerator, cfg.train)
     optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
-    forward, optimizer, train_loader = accelerator.prepare(RewardForward(model, pad_id), optimizer, train_loader)
+    forward, optimizer, train_loader = engine.prepare(accelerator, RewardForward(model, pad_id), optimizer,
+                                                      train_loader)
     step, _, logger = engine.start_run(accelerator, cfg, {"model": model}, {"model": optimizer}, {"model": scheduler})
     # Until the normalisation is measured after training, evaluate the raw scores with the configured weights.
     info = {"aspects": aspects, "weights": cfg.rm.weights, "offset": [0.0] * A, "scale": [1.0] * A}
 
     def run_eval(at_step):
-        metrics, dists = evaluate(model, eval_elements, info, pad_id, accelerator)
+        with engine.gathered(model):  # processes may score different numbers of answers
+            metrics, dists = evaluate(model, eval_elements, info, pad_id, accelerator)
         logger.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=at_step)
         return metrics, dists
 
@@ -186,7 +189,7 @@ def train_rm(cfg: RMConfig) -> dict:
         correct, n_pairs = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
         for i, mb in enumerate(group):
             sync = i == len(group) - 1
-            with nullcontext() if sync else accelerator.no_sync(forward):
+            with nullcontext() if sync else engine.no_sync(accelerator, forward):
                 rewards = forward(mb["input_ids"], mb["attention_mask"], mb.get("position_ids"),
                                   mb.get("read_index"))  # (N, A)
                 terms = rm_loss_terms(rewards, mb)
@@ -223,14 +226,16 @@ def train_rm(cfg: RMConfig) -> dict:
     runtime = time.time() - start
 
     # InstructGPT: shift (and scale) so the reference answers score mean 0, std 1 per aspect.
-    offset, scale = normalization_stats(model, ref_sequences, pad_id)
+    with engine.gathered(model):
+        offset, scale = normalization_stats(model, ref_sequences, pad_id)
     info = {"aspects": aspects, "weights": cfg.rm.weights, "offset": offset, "scale": scale}
     eval_after, dists = run_eval(step) if eval_elements else (None, {})
     accelerator.wait_for_everyone()
     final_dir = os.path.join(cfg.output_dir, "final")
     plot = None
+    state = engine.full_state(model)  # a sharded model's weights, gathered on rank 0
     if accelerator.is_main_process:
-        save_reward_model(model, tokenizer, cfg, info)
+        save_reward_model(model, tokenizer, cfg, info, state_dict=state)
         plot = plot_distributions(dists, os.path.join(cfg.output_dir, "reward_distributions.png"))
     summary = {
         "stage": "rm", "steps": step, "train_loss": last_log.get("train/loss"),
@@ -248,7 +253,7 @@ def train_rm(cfg: RMConfig) -> dict:
     return summary
 
 
-def save_reward_model(model, tokenizer, cfg: RMConfig, info: dict) -> str:
+def save_reward_model(model, tokenizer, cfg: RMConfig, info: dict, state_dict: dict | None = None) -> str:
     """Write ``output_dir/final`` (a plain AutoModelForSequenceClassification folder whose config carries
     ``alignkit_reward``) and, with LoRA, ``output_dir/final_adapter`` (adapter + fully trained score head);
     ``final`` is then the merged model."""
@@ -257,7 +262,7 @@ def save_reward_model(model, tokenizer, cfg: RMConfig, info: dict) -> str:
     label_maps = {"id2label": dict(enumerate(aspects)), "label2id": {a: i for i, a in enumerate(aspects)}}
     if is_peft(model):
         adapter_dir = os.path.join(cfg.output_dir, "final_adapter")
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+        model.save_pretrained(adapter_dir, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(adapter_dir)
         engine.write_json(os.path.join(adapter_dir, "alignkit_reward.json"), info)
         export_merged(adapter_dir, final_dir, cfg.model, num_labels=len(info["aspects"]))
@@ -271,7 +276,7 @@ def save_reward_model(model, tokenizer, cfg: RMConfig, info: dict) -> str:
         model.config.alignkit_reward = info
         model.config.id2label, model.config.label2id = label_maps["id2label"], label_maps["label2id"]
         model.config.use_cache = True
-        model.save_pretrained(final_dir, safe_serialization=True)
+        model.save_pretrained(final_dir, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(final_dir)
     return final_dir
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from alignkit import engine
 from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, check_packing
-from alignkit.modeling import count_parameters, load_model, load_tokenizer, save_model
+from alignkit.modeling import count_parameters, load_model, load_tokenizer
 from alignkit.schema import DataError, demonstrations, load_examples
 from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
 
@@ -122,14 +122,15 @@ def mean_token_loss(model, batch: dict, device) -> torch.Tensor:
 def evaluate(model, loader, accelerator) -> float:
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    for batch in loader:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        batch.pop("num_tokens")
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        loss_sum, n = sft_token_loss(logits, labels)
-        total += loss_sum
-        count += n
+    with engine.gathered(model):  # processes may hold different numbers of eval batches
+        for batch in loader:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch.pop("num_tokens")
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            loss_sum, n = sft_token_loss(logits, labels)
+            total += loss_sum
+            count += n
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return (total / count.clamp(min=1)).item()
@@ -145,6 +146,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     model.config.use_cache = False  # no KV cache while training
     engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)
+    model = engine.shard(model, accelerator, cfg.train)  # FSDP2 when train.sharding=fsdp2: optimizer on the shards
 
     attn = model.config._attn_implementation
 
@@ -158,7 +160,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     eval_loader = make_loader(eval_shard, bs, collate, cfg.train.seed, shuffle=False) if eval_rows else None
     _, total_steps = engine.plan_steps(len(train_rows), accelerator, cfg.train)
     optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer, train_loader = engine.prepare(accelerator, model, optimizer, train_loader)
     step, _, logger = engine.start_run(accelerator, cfg, {"model": model}, {"model": optimizer}, {"model": scheduler})
 
     eval_before = evaluate(model, eval_loader, accelerator) if eval_loader is not None and step == 0 else None
@@ -180,7 +182,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         for i, mb in enumerate(group):
             labels = mb.pop("labels")
             sync = i == len(group) - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
+            with nullcontext() if sync else engine.no_sync(accelerator, model):
                 logits = model(**mb).logits
                 loss_sum, _ = sft_token_loss(logits, labels)
                 # DDP averages gradients over processes; multiply back so the result is the global token mean.
@@ -210,10 +212,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     eval_after = evaluate(model, eval_loader, accelerator) if eval_loader is not None else None
     if eval_after is not None:
         logger.log({"eval/loss": eval_after}, step=step)
-    accelerator.wait_for_everyone()
     final_dir = os.path.join(cfg.output_dir, "final")
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, final_dir, cfg.model)
+    engine.save_final(accelerator, model, tokenizer, final_dir, cfg.model)
     summary = {
         "stage": "sft", "steps": step, "train_loss": last_log.get("train/loss"),
         "eval_loss_before": eval_before, "eval_loss_after": eval_after, "runtime_seconds": round(runtime, 2),
