@@ -86,7 +86,7 @@ from alignkit.rewards import (
     reward_model_info,
     score_head,
 )
-from alignkit.schema import DataError, load_examples, prompts as prompt_view
+from alignkit.schema import DataError, RowAccount, load_examples, prompts as prompt_view, select_rows
 from alignkit.tokenization import encode_prompt, fit_length
 
 
@@ -206,9 +206,13 @@ class Prompt:
     ids: list  # policy tokens of the chat-templated prompt
 
 
-def load_prompts(files: list[str], tokenizer, data: DataConfig, seed: int, limit: int = 0) -> list[Prompt]:
-    """Prompts for rollouts, validated and tokenized; every problem is reported before training."""
-    examples = prompt_view(load_examples(files, seed=seed))
+def load_prompts(files: list[str], tokenizer, data: DataConfig, seed: int, limit: int = 0,
+                 split: str = "train") -> tuple[list[Prompt], RowAccount]:
+    """Prompts for rollouts, validated and tokenized, and the account of the rows read; every problem is
+    reported before training."""
+    examples, account = select_rows(load_examples(files, seed=seed), "ppo", data.on_unusable,
+                                    data.max_unusable_fraction, split)
+    examples = prompt_view(examples)
     if limit:
         examples = examples[:limit]
     if not examples:
@@ -220,11 +224,13 @@ def load_prompts(files: list[str], tokenizer, data: DataConfig, seed: int, limit
         fitted = fit_length(ids, [], data.max_length, data.truncation, ex.source, problems)
         if fitted is not None:
             out.append(Prompt(ex, fitted[0]))
+        elif data.truncation == "drop":
+            account.leave_out(ex, "prompt", f"is longer than data.max_length={data.max_length} (data.truncation=drop)")
     if problems:
         raise DataError([p.replace("answers:", "prompt:") for p in problems])
     if not out:
         raise DataError([f"{', '.join(files)}: prompt: every prompt is longer than data.max_length={data.max_length}"])
-    return out
+    return out, account
 
 
 def prompt_batch(prompts: list[Prompt], update: int, batch_size: int, rank: int, world: int, seed: int):
@@ -614,9 +620,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
 
     # Tokenizer and prompts: bad data stops the run before any model loads.
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    train_prompts = load_prompts(cfg.data.train_files, tokenizer, cfg.data, cfg.train.seed)
-    eval_prompts = (load_prompts(cfg.data.eval_files, tokenizer, cfg.data, cfg.train.seed, limit=ppo.eval_samples)
-                    if cfg.data.eval_files and ppo.eval_samples else [])
+    train_prompts, train_rows = load_prompts(cfg.data.train_files, tokenizer, cfg.data, cfg.train.seed)
+    eval_prompts, eval_rows = (load_prompts(cfg.data.eval_files, tokenizer, cfg.data, cfg.train.seed,
+                                            limit=ppo.eval_samples, split="eval")
+                               if cfg.data.eval_files and ppo.eval_samples else ([], None))
     ptx_rows = _ptx_rows(cfg, tokenizer) if ppo.ptx_coef > 0 else []
     with_gold = gold_available(cfg)
 
@@ -838,6 +845,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         "trainable_parameters": {"policy": trainable_policy, "value": trainable_value},
         "total_parameters": total_policy, "num_processes": world, "replica_max_abs_difference": replica_diff,
         "prompts": len(train_prompts),
+        "rows": {"train": train_rows.to_dict(), **({"eval": eval_rows.to_dict()} if eval_rows else {})},
         "final_dir": final_dir, "value_dir": value_dir,
     }
     if accelerator.is_main_process:

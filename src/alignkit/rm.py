@@ -45,7 +45,7 @@ from alignkit import engine
 from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig
 from alignkit.losses import MARGIN_TABLES, centering_loss, pairwise_ranking_loss, plackett_luce_loss, ranking_to_pairs
 from alignkit.modeling import count_parameters, export_merged, is_peft, load_model, load_tokenizer
-from alignkit.schema import DataError, Example, Label, load_examples
+from alignkit.schema import DataError, Example, Label, load_examples, select_rows
 from alignkit.sft import EpochSampler
 from alignkit.tokenization import encode_answer, encode_prompt, fit_length
 
@@ -785,13 +785,15 @@ def normalization_stats(model, sequences, pad_token_id) -> tuple[list[float], li
 
 def prepare_rm_data(cfg: RMConfig, tokenizer):
     """Load, validate, aggregate and tokenize train and eval data; all problems raised together."""
-    problems, out, stats, train_examples = [], [], {}, []
+    problems, out, stats, train_examples = [], [], {"rows": {}}, []
     for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
         if not files:
             out.append([])
             continue
         try:
-            examples = load_examples(files, seed=cfg.train.seed)
+            examples, account = select_rows(load_examples(files, seed=cfg.train.seed), "rm", cfg.data.on_unusable,
+                                            cfg.data.max_unusable_fraction, split, evaluation=split == "eval")
+            stats["rows"][split] = account.to_dict()
             if split == "train":
                 train_examples = examples
             elements, s = build_elements(examples, cfg.rm, tokenizer, cfg.data.max_length, cfg.data.truncation,
@@ -815,6 +817,7 @@ def train_rm(cfg: RMConfig) -> dict:
     engine.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_elements, eval_elements, data_stats, train_examples = prepare_rm_data(cfg, tokenizer)
+    row_accounts = data_stats.pop("rows")
     ref_sequences, ref_what = reference_sequences(cfg, tokenizer, train_examples)
     del train_examples
 
@@ -924,8 +927,8 @@ def train_rm(cfg: RMConfig) -> dict:
         "normalization": {"offset": offset, "scale": scale, "reference": ref_what, "answers": len(ref_sequences)},
         "aspects": aspects, "weights": cfg.rm.weights, "runtime_seconds": round(runtime, 2),
         "pairs_per_second": last_log.get("train/pairs_per_second"), "trainable_parameters": trainable,
-        "total_parameters": total, "num_processes": world, "data": data_stats, "final_dir": final_dir,
-        "distributions_png": plot,
+        "total_parameters": total, "num_processes": world, "rows": row_accounts, "data": data_stats,
+        "final_dir": final_dir, "distributions_png": plot,
     }
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
