@@ -277,6 +277,7 @@ def test_short_run_writes_outputs_and_resume_matches_uninterrupted(tmp_path):
                 "rollout/response_length", "rollout/eos_share", "objective/gold_reward"):
         assert key in rows[-1], key
     assert summary["updates"] == 3
+    assert summary["rows"]["train"]["read"] == summary["rows"]["train"]["used"] > 0  # every row accounted for
     value = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "final_value"))
     assert value.config.num_labels == 1
 
