@@ -21,11 +21,15 @@ Native JSONL row (every field but ``prompt`` optional)::
 
 TRL's formats are read directly: prompt-completion ``{prompt, completion}``
 (``label: bool`` makes it an unpaired/KTO row), ``{messages}``, preference
-``{prompt, chosen, rejected}`` (optional ``margin``) and implicit-prompt
-conversational ``{chosen, rejected}``. A row with only ``prompt`` is a prompt for PPO.
+``{prompt, chosen, rejected}`` (optional ``margin``) and implicit-prompt ``{chosen, rejected}``
+(conversations, strings split as TRL's ``extract_prompt`` at a word boundary, or HH-RLHF
+transcripts cut at their last shared turn). A row with only ``prompt`` is a prompt for PPO.
 
-Every problem is reported as ``file:line: field: what is wrong``; all rows are
-checked before any training starts.
+Files are read by one streaming reader (``iter_file_rows``): UTF-8 with or without a byte-order
+mark, UTF-16/32 with one. Every problem is reported as ``file:line: field: what is wrong``
+(a bad byte: ``file:line: <line>: not valid UTF-8 (byte 0x.. at column N)``); all rows are
+checked before any training starts. Valid rows a stage cannot use are counted, listed and
+stopped on or skipped by ``select_rows`` / ``RowAccount`` (``data.on_unusable``).
 """
 
 from __future__ import annotations
@@ -729,7 +733,7 @@ def _strip_nones(row: dict) -> dict:
 def load_examples(paths: str | Iterable[str], *, seed: int = 0) -> list[Example]:
     """Read and validate every row of every file; raise one DataError listing all problems.
 
-    ``paths`` entries are files (.jsonl/.json/.parquet), folders written by
+    ``paths`` entries are files (.jsonl/.jsonl.gz/.json/.parquet), folders written by
     ``datasets.save_to_disk``, ``builtin:<kind>[:<split>]`` for the built-in task,
     or ``hf:<dataset>[:<split>]`` for a Hub dataset (needs network).
     """

@@ -21,9 +21,9 @@ from collections import OrderedDict, defaultdict
 from typing import Iterable, Iterator
 
 from alignkit.schema import (DataError, Example, Label, _BadRow, _check_prompt, _check_text, _finite_number, _is_int,
-                             _not_a_number,
-                             _Problems, _short, _strip_nones,
-                             hh_transcript_to_messages, iter_file_rows, parse_row, split_transcripts)
+                             _not_a_number, _Problems, _short, _strip_nones, iter_file_rows, parse_row,
+                             split_transcripts)
+from alignkit.schema import hh_transcript_to_messages  # noqa: F401  (its home before it moved to the schema)
 
 FORMATS = ("alignkit", "trl", "hh-rlhf", "shp", "ultrafeedback", "helpsteer", "oasst1", "pku-saferlhf", "label-studio")
 
