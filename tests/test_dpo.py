@@ -234,7 +234,7 @@ def held_out_gold(policy_dir, sft_dir):
     from alignkit.rewards import RewardSourceConfig, build_reward
 
     tok = load_tokenizer(ModelConfig(name_or_path=policy_dir), padding_side="left")
-    prompts = load_prompts(["builtin:prompts:eval"], tok, DataConfig(max_length=32), 0, limit=128)
+    prompts, _ = load_prompts(["builtin:prompts:eval"], tok, DataConfig(max_length=32), 0, limit=128)
     policy = load_model(ModelConfig(name_or_path=policy_dir), trainable=False)
     sft = load_model(ModelConfig(name_or_path=sft_dir), trainable=False)
     return evaluate(policy, sft, build_reward([RewardSourceConfig(name_or_path="builtin:gold")]), prompts, tok,

@@ -276,6 +276,7 @@ def test_short_run_writes_outputs_and_resume_matches_uninterrupted(tmp_path):
                 "rollout/response_length", "rollout/eos_share", "objective/gold_reward"):
         assert key in rows[-1], key
     assert summary["updates"] == 3
+    assert summary["rows"]["train"]["read"] == summary["rows"]["train"]["used"] > 0  # every row accounted for
     value = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "final_value"))
     assert value.config.num_labels == 1
 
@@ -313,7 +314,7 @@ def test_lora_run_uses_the_adapter_off_policy_as_reference(tmp_path):
     policy = AutoPeftModelForCausalLM.from_pretrained(final).eval()
     frozen_copy = AutoModelForCausalLM.from_pretrained(resolve_path("builtin:tiny")).eval()
     tok = load_tokenizer(cfg.model, padding_side="left")
-    prompts = load_prompts(["builtin:prompts:eval:16"], tok, cfg.data, seed=0)
+    prompts, _ = load_prompts(["builtin:prompts:eval:16"], tok, cfg.data, seed=0)
     reward = build_reward([RewardSourceConfig(name_or_path="builtin:gold")])
     runs = []
     for reference in (None, frozen_copy):

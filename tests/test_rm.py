@@ -373,6 +373,7 @@ def test_short_seeded_run_beats_chance(trained):
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert any("train/loss" in m for m in metrics) and any("eval/gold_accuracy" in m for m in metrics)
     assert json.load(open(os.path.join(out, "summary.json")))["eval"]["gold_accuracy"] == ev["gold_accuracy"]
+    assert summary["rows"]["train"]["read"] == summary["rows"]["train"]["used"] > 0  # every row accounted for
     assert os.path.getsize(os.path.join(out, "reward_distributions.png")) > 1000
 
 

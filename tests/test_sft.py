@@ -27,6 +27,7 @@ def test_sft_lowers_held_out_loss_and_writes_outputs(sft_model_dir):
     out = os.path.dirname(sft_model_dir)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 1.0, summary
+    assert summary["rows"]["train"] == {"read": 2000, "used": 2000, "left_out": 0, "reasons": {}}
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert any("train/loss" in m for m in metrics) and any("eval/loss" in m for m in metrics)
     from transformers import AutoModelForCausalLM, AutoTokenizer

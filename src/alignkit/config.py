@@ -8,6 +8,7 @@ wrong types by name; command-line overrides are ``--section.key=value``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Type, TypeVar
 
@@ -78,8 +79,17 @@ class DataConfig:
     truncation: str = "error"
     # Put several short examples in one row (they cannot attend to each other).
     packing: bool = True
+    # Valid rows this stage cannot use (a prompt-only row in SFT data, a demonstration in reward-model
+    # data) are always counted, listed and written to summary.json. auto: skip them unless they are more
+    # than max_unusable_fraction of a split's rows, then stop before training; error: stop at any; skip: never stop.
+    on_unusable: str = "auto"
+    max_unusable_fraction: float = 0.01
 
     def __post_init__(self):
+        if self.on_unusable not in ("auto", "error", "skip"):
+            raise ConfigError(f"data.on_unusable: must be auto, error or skip, got {self.on_unusable!r}")
+        if not 0.0 <= self.max_unusable_fraction <= 1.0:
+            raise ConfigError(f"data.max_unusable_fraction: must be between 0 and 1, got {self.max_unusable_fraction}")
         if self.truncation not in ("error", "truncate", "drop"):
             raise ConfigError(f"data.truncation: must be error, truncate or drop, got {self.truncation!r}")
         if self.max_length < 8:
@@ -209,10 +219,11 @@ def load_config(cls: Type[T], path: str | None = None, overrides: list[str] | No
         raw = {**raw, **data}
     try:
         schema = OmegaConf.structured(cls)
-        merged = OmegaConf.merge(schema, OmegaConf.create(raw))
+        merged = OmegaConf.merge(schema, OmegaConf.create(_lists_from_single(cls, raw)))
         if overrides:
             try:
-                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+                dotlist = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+                merged = OmegaConf.merge(merged, OmegaConf.create(_lists_from_single(cls, dotlist)))
             except OmegaConfBaseException as e:
                 raise ConfigError(f"command line: {_omega_msg(e)}") from None
             except (TypeError, ValueError) as e:  # e.g. "key.0.field=..." into a list of sections
@@ -225,6 +236,36 @@ def load_config(cls: Type[T], path: str | None = None, overrides: list[str] | No
         raise ConfigError(f"{where}: {e}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {_omega_msg(e)}") from None
+
+
+def _lists_from_single(cls, raw):
+    """``raw`` (YAML or override values for dataclass ``cls``) with a single value wrapped in a list wherever
+    ``cls`` expects a list: ``train_files: a.jsonl`` or ``--reward.sources={name_or_path: rm}`` is a list of one."""
+    if not isinstance(raw, dict) or not dataclasses.is_dataclass(cls):
+        return raw
+    hints = typing.get_type_hints(cls)
+    out = dict(raw)
+    for key, value in raw.items():
+        hint = hints.get(key)
+        if hint is None or value is None:
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[X]
+            hint = args[0]
+        if typing.get_origin(hint) in (list, List):
+            item = (typing.get_args(hint) or [Any])[0]
+            if _is_interpolation(value) or (isinstance(value, dict) and not dataclasses.is_dataclass(item)):
+                continue  # OmegaConf resolves it, or names the wrong type
+            if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+                raise ConfigError(f"{key}.{next(iter(value))}: a list is set whole, not item by item")
+            out[key] = [_lists_from_single(item, v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        elif dataclasses.is_dataclass(hint):
+            out[key] = _lists_from_single(hint, value)
+    return out
+
+
+def _is_interpolation(value) -> bool:
+    return isinstance(value, str) and value.startswith("${")
 
 
 def _omega_msg(e) -> str:

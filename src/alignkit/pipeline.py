@@ -136,7 +136,7 @@ def compare_policies(sft_path: str, ppo_path: str, rm_path: str | None, cfg: Pip
     tok = load_tokenizer(ModelConfig(name_or_path=sft_path), padding_side="left")
     data = DataConfig(train_files=cfg.report.prompts, max_length=cfg.ppo.data.max_length, truncation="truncate",
                       packing=False)
-    prompts = load_prompts(cfg.report.prompts, tok, data, seed=cfg.report.seed, limit=cfg.report.num_prompts)
+    prompts, _ = load_prompts(cfg.report.prompts, tok, data, seed=cfg.report.seed, limit=cfg.report.num_prompts)
     prompts = [p for p in prompts for _ in range(cfg.report.samples_per_prompt)]
     sft, ppo_policy = load_policy(sft_path), load_policy(ppo_path)
     for m in (sft, ppo_policy):

@@ -266,9 +266,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
 
     # Tokenizer and prompts: bad data stops the run before any model loads.
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    train_prompts = load_prompts(cfg.data.train_files, tokenizer, cfg.data, cfg.train.seed)
-    eval_prompts = (load_prompts(cfg.data.eval_files, tokenizer, cfg.data, cfg.train.seed, limit=ppo.eval_samples)
-                    if cfg.data.eval_files and ppo.eval_samples else [])
+    train_prompts, train_rows = load_prompts(cfg.data.train_files, tokenizer, cfg.data, cfg.train.seed)
+    eval_prompts, eval_rows = (load_prompts(cfg.data.eval_files, tokenizer, cfg.data, cfg.train.seed,
+                                            limit=ppo.eval_samples, split="eval")
+                               if cfg.data.eval_files and ppo.eval_samples else ([], None))
     ptx = (ptx_rows(cfg, load_tokenizer(cfg.model, padding_side="right")) if ppo.ptx_coef > 0 else [])
     with_gold = gold_available(cfg)
 
@@ -480,6 +481,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         "trainable_parameters": {"policy": trainable_policy, "value": trainable_value},
         "total_parameters": total_policy, "num_processes": world, "replica_max_abs_difference": replica_diff,
         "prompts": len(train_prompts),
+        "rows": {"train": train_rows.to_dict(), **({"eval": eval_rows.to_dict()} if eval_rows else {})},
         "final_dir": final_dir, "value_dir": value_dir,
     }
     if accelerator.is_main_process:

@@ -137,6 +137,7 @@ def train_rm(cfg: RMConfig) -> dict:
     engine.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_elements, eval_elements, data_stats, train_examples = prepare_rm_data(cfg, tokenizer)
+    row_accounts = data_stats.pop("rows")
     ref_sequences, ref_what = reference_sequences(cfg, tokenizer, train_examples)
     del train_examples
 
@@ -243,8 +244,8 @@ def train_rm(cfg: RMConfig) -> dict:
         "normalization": {"offset": offset, "scale": scale, "reference": ref_what, "answers": len(ref_sequences)},
         "aspects": aspects, "weights": cfg.rm.weights, "runtime_seconds": round(runtime, 2),
         "pairs_per_second": last_log.get("train/pairs_per_second"), "trainable_parameters": trainable,
-        "total_parameters": total, "num_processes": world, "data": data_stats, "final_dir": final_dir,
-        "distributions_png": plot,
+        "total_parameters": total, "num_processes": world, "rows": row_accounts, "data": data_stats,
+        "final_dir": final_dir, "distributions_png": plot,
     }
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)

@@ -23,7 +23,7 @@ from alignkit.adapters import adapters_off
 from alignkit.config import DataConfig
 from alignkit.losses import logprobs_from_logits, sequence_kl
 from alignkit.modeling import is_peft
-from alignkit.schema import DataError, load_examples, prompts as prompt_view
+from alignkit.schema import DataError, RowAccount, load_examples, prompts as prompt_view, select_rows
 from alignkit.tokenization import encode_prompt, fit_length, stop_token_ids
 
 
@@ -33,9 +33,13 @@ class Prompt:
     ids: list  # policy tokens of the chat-templated prompt
 
 
-def load_prompts(files: list[str], tokenizer, data: DataConfig, seed: int, limit: int = 0) -> list[Prompt]:
-    """Prompts for rollouts, validated and tokenized; every problem is reported before training."""
-    examples = prompt_view(load_examples(files, seed=seed))
+def load_prompts(files: list[str], tokenizer, data: DataConfig, seed: int, limit: int = 0,
+                 split: str = "train") -> tuple[list[Prompt], RowAccount]:
+    """Prompts for rollouts, validated and tokenized, and the account of the rows read; every problem is
+    reported before training."""
+    examples, account = select_rows(load_examples(files, seed=seed), "ppo", data.on_unusable,
+                                    data.max_unusable_fraction, split)
+    examples = prompt_view(examples)
     if limit:
         examples = examples[:limit]
     if not examples:
@@ -47,11 +51,13 @@ def load_prompts(files: list[str], tokenizer, data: DataConfig, seed: int, limit
         fitted = fit_length(ids, [], data.max_length, data.truncation, ex.source, problems)
         if fitted is not None:
             out.append(Prompt(ex, fitted[0]))
+        elif data.truncation == "drop":
+            account.leave_out(ex, "prompt", f"is longer than data.max_length={data.max_length} (data.truncation=drop)")
     if problems:
         raise DataError([p.replace("answers:", "prompt:") for p in problems])
     if not out:
         raise DataError([f"{', '.join(files)}: prompt: every prompt is longer than data.max_length={data.max_length}"])
-    return out
+    return out, account
 
 
 def prompt_batch(prompts: list[Prompt], update: int, batch_size: int, rank: int, world: int, seed: int):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from alignkit import engine
 from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, check_packing
 from alignkit.modeling import count_parameters, load_model, load_tokenizer
-from alignkit.schema import DataError, demonstrations, load_examples
+from alignkit.schema import DataError, demonstrations, load_examples, select_rows
 from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
 
 
@@ -75,14 +75,18 @@ def make_loader(rows, batch_size, collate, seed, shuffle=True):
 
 
 def prepare_sft_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
-    """Load, validate and tokenize train and eval data; every problem is reported before training."""
-    problems, out, stats = [], [], {}
+    """Load, validate and tokenize train and eval data; every problem is reported before training.
+    ``stats["rows"]`` accounts for every row read: used, or left out and why."""
+    problems, out, stats = [], [], {"rows": {}}
     for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
         if not files:
             out.append([])
             continue
         try:
-            pairs = demonstrations(load_examples(files, seed=cfg.train.seed))
+            examples, account = select_rows(load_examples(files, seed=cfg.train.seed), "sft", cfg.data.on_unusable,
+                                            cfg.data.max_unusable_fraction, split)
+            stats["rows"][split] = account.to_dict()
+            pairs = demonstrations(examples)
             if not pairs:
                 raise DataError([f"{', '.join(files)}: labels: no demonstrations found "
                                  "(SFT needs {prompt, completion}, {messages} or demonstration labels)"])
@@ -141,6 +145,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     engine.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, data_stats = prepare_sft_data(cfg, tokenizer)
+    row_accounts = data_stats.pop("rows")
 
     model = load_model(cfg.model, task="causal-lm")
     model.config.use_cache = False  # no KV cache while training
@@ -218,7 +223,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         "stage": "sft", "steps": step, "train_loss": last_log.get("train/loss"),
         "eval_loss_before": eval_before, "eval_loss_after": eval_after, "runtime_seconds": round(runtime, 2),
         "tokens_per_second": last_log.get("train/tokens_per_second"), "trainable_parameters": trainable,
-        "total_parameters": total, "num_processes": world, "data": data_stats, "final_dir": final_dir,
+        "total_parameters": total, "num_processes": world, "rows": row_accounts, "data": data_stats,
+        "final_dir": final_dir,
     }
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 
-from alignkit.schema import DataError
+from alignkit.schema import ON_UNUSABLE, STAGE_NEEDS, DataError
 
 EPILOG = "formats: auto, alignkit, trl, hh-rlhf, shp, ultrafeedback, helpsteer, oasst1, pku-saferlhf, label-studio"
 
@@ -43,6 +44,14 @@ def register(sub) -> None:
 
     q = dsub.add_parser("validate", help="check every row; exit code 0 when clean, 2 otherwise", epilog=EPILOG)
     q.add_argument("files", nargs="+")
+    q.add_argument("--stage", choices=list(STAGE_NEEDS),
+                   help="also check that rows have what this stage needs (sft: a demonstration; rm: a comparison; "
+                        "ppo: a prompt; dpo: a preference pair; kto: a good/bad label or a pair), and count those "
+                        "that do not as a training run would")
+    q.add_argument("--on-unusable", default="auto", choices=list(ON_UNUSABLE),
+                   help="as data.on_unusable: fail on rows the stage cannot use (error), never (skip), or when "
+                        "they are more than --max-unusable-fraction of a file's rows (auto)")
+    q.add_argument("--max-unusable-fraction", type=float, default=0.01)
     q.add_argument("--json", action="store_true")
     add_format(q)
     q.set_defaults(func=cmd_validate)
@@ -186,28 +195,63 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from alignkit.feedback.importers import detect_format, import_rows, read_rows
+    """Stream every row of every file through its importer (and, with --stage, the stage's row accounting):
+    memory stays bounded for the formats read row by row."""
+    from alignkit.feedback.importers import iter_import, iter_rows, peek_format
+    from alignkit.schema import RowAccount, _Problems, load_examples
 
-    report, problems = {}, []
+    report, problems, accounts = {}, [], {}
     for path in args.files:
+        probs, stopped = _Problems(), []  # problems in rows; and a DataError that stopped the file
+        rows = _Counted(() if path.startswith("builtin:") else iter_rows(path))
+        account = accounts[path] = RowAccount(args.stage, split=path) if args.stage else None
+        fmt, n_examples, kinds = None, 0, Counter()  # kinds: rows holding each label kind
         try:
-            rows = read_rows(path)
-            fmt = args.format if args.format != "auto" else detect_format(rows, path)
-            exs, probs = import_rows(rows, fmt, name=path)
+            if path.startswith("builtin:"):
+                fmt, examples = "builtin", load_examples(path)
+            else:
+                fmt, raw = peek_format(rows, args.format, path)
+                examples = iter_import(raw, fmt, probs, name=path)
+            for ex in examples:
+                n_examples += 1
+                kinds.update({lab.kind for lab in ex.labels} or {"prompt only"})
+                if account is not None:
+                    account.add(ex)
+            if account is not None and not probs.count:
+                account.check(args.on_unusable, args.max_unusable_fraction)
         except DataError as e:
-            probs, fmt, exs, rows = e.problems, None, [], []
-        report[path] = {"format": fmt, "rows": len(rows), "examples": len(exs), "problems": len(probs)}
-        problems.extend(probs)
+            stopped = e.problems
+        report[path] = {"format": fmt, "rows": n_examples if fmt == "builtin" else rows.n, "examples": n_examples,
+                        "problems": probs.count + len(stopped), "rows_with": dict(kinds)}
+        if account is not None:
+            report[path]["stage"] = {"name": args.stage, **account.to_dict()}
+        problems += probs.items + stopped
     if args.json:
         print(json.dumps({"files": report, "problems": problems}, indent=2))
     else:
         con = _console()
         for path, r in report.items():
             ok = "[green]ok[/green]" if not r["problems"] else f"[red]{r['problems']} problem(s)[/red]"
-            con.print(f"{path}: format {r['format']}, {r['rows']} rows -> {r['examples']} examples: {ok}")
+            with_ = ", ".join(f"{n} {k}" for k, n in r["rows_with"].items())
+            con.print(f"{path}: format {r['format']}, {r['rows']} rows -> {r['examples']} examples"
+                      f"{f' ({with_})' if with_ else ''}: {ok}", highlight=False)
+            if accounts[path] is not None:
+                con.print(f"  {accounts[path].line()}", markup=False, highlight=False)
         for p in problems:
             con.print(f"  {p}", markup=False, highlight=False)
-    return 2 if problems else 0
+    return 2 if any(r["problems"] for r in report.values()) else 0
+
+
+class _Counted:
+    """An iterable that counts the items that pass through it."""
+
+    def __init__(self, items):
+        self.items, self.n = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.n += 1
+            yield item
 
 
 def cmd_convert(args) -> int:

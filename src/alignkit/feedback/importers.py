@@ -15,13 +15,15 @@ rows), ``trl`` (every TRL format), ``hh-rlhf``, ``shp``, ``ultrafeedback``,
 
 from __future__ import annotations
 
-import gzip
-import json
+import itertools
 import os
-import re
 from collections import OrderedDict, defaultdict
+from typing import Iterable, Iterator
 
-from alignkit.schema import DataError, Example, Label, _BadJSON, _iter_rows, _Problems, _strip_nones, parse_row
+from alignkit.schema import (DataError, Example, Label, _BadRow, _check_prompt, _check_text, _finite_number, _is_int,
+                             _not_a_number, _Problems, _short, _strip_nones, iter_file_rows, parse_row,
+                             split_transcripts)
+from alignkit.schema import hh_transcript_to_messages  # noqa: F401  (its home before it moved to the schema)
 
 FORMATS = ("alignkit", "trl", "hh-rlhf", "shp", "ultrafeedback", "helpsteer", "oasst1", "pku-saferlhf", "label-studio")
 
@@ -29,9 +31,10 @@ FORMATS = ("alignkit", "trl", "hh-rlhf", "shp", "ultrafeedback", "helpsteer", "o
 # ----------------------------------------------------------------------------- reading rows
 
 
-def read_rows(path: str) -> list[tuple[str, object]]:
-    """(where, raw row) for a local file (.jsonl, .jsonl.gz, .json, .parquet, save_to_disk folder)
-    or ``hf:<name>[:<split>]`` loaded with ``datasets.load_dataset``."""
+def iter_rows(path: str) -> Iterator[tuple[str, object]]:
+    """(where, raw row), streaming, for a local file (.jsonl, .jsonl.gz, .json, .parquet, save_to_disk folder)
+    or ``hf:<name>[:<split>]`` loaded with ``datasets.load_dataset``. A row that cannot be read (bad bytes,
+    bad JSON) comes as a ``schema._BadRow`` naming the problem."""
     if path.startswith("hf:"):
         import datasets
 
@@ -41,29 +44,25 @@ def read_rows(path: str) -> list[tuple[str, object]]:
             ds = datasets.load_dataset(name, split=split)
         except Exception as e:  # offline, unknown name, ...
             raise DataError([f"{path}: <file>: could not load the Hub dataset {name!r} split {split!r}: {e}"]) from None
-        return [(f"{path}:row {i}", _strip_nones(row)) for i, row in enumerate(ds)]
+        for i, row in enumerate(ds):
+            yield f"{path}:row {i}", _strip_nones(row)
+        return
     if not os.path.exists(path):
         raise DataError([f"{path}: <file>: data file not found"])
-    if path.endswith(".jsonl.gz"):
-        rows = []
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append((f"{path}:{lineno}", _json_line(line, f"{path}:{lineno}")))
-        return rows
-    rows = []
-    for where, row in _iter_rows(path):
-        if isinstance(row, _BadJSON):
-            raise DataError([f"{where}: <line>: {row.msg}"])
-        rows.append((where, row))
+    yield from iter_file_rows(path)
+
+
+def read_rows(path: str) -> list[tuple[str, object]]:
+    """Every row of ``path`` (see ``iter_rows``) as a list; DataError listing the rows that cannot be read."""
+    problems, rows = _Problems(), []
+    for where, row in iter_rows(path):
+        if isinstance(row, _BadRow):
+            problems.add(where, row.field, row.msg)
+        else:
+            rows.append((where, row))
+    if problems.count:
+        raise problems.error()
     return rows
-
-
-def _json_line(line, where):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError([f"{where}: <line>: invalid JSON: {e.msg} at column {e.colno}"]) from None
 
 
 # ----------------------------------------------------------------------------- detection
@@ -110,11 +109,13 @@ def _why_not(fmt: str, row) -> str | None:
     raise ValueError(fmt)
 
 
-def detect_format(rows: list[tuple[str, object]], name: str = "<data>") -> str:
-    """The format of ``rows`` judged from the first row; DataError saying why each format was rejected."""
-    if not rows:
-        raise DataError([f"{name}: <file>: no rows, cannot detect the format"])
-    where, row = rows[0]
+def detect_format(rows: Iterable[tuple[str, object]], name: str = "<data>") -> str:
+    """The format of ``rows`` judged from the first readable row; DataError saying why each format was rejected."""
+    rows = list(rows)
+    where, row = next(((w, r) for w, r in rows if not isinstance(r, _BadRow)), (None, None))
+    if where is None:
+        bad = [f"{w}: {r.field}: {r.msg}" for w, r in rows[:1]]
+        raise DataError(bad + [f"{name}: <file>: no readable rows, cannot detect the format"])
     reasons = []
     for fmt in ("label-studio", "oasst1", "shp", "pku-saferlhf", "ultrafeedback", "helpsteer", "hh-rlhf",
                 "alignkit", "trl"):
@@ -123,7 +124,7 @@ def detect_format(rows: list[tuple[str, object]], name: str = "<data>") -> str:
             return fmt
         reasons.append(f"{fmt}: {why}")
     fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise DataError([f"{where}: <row>: unrecognised format (fields {fields}); tried " + "; ".join(reasons)])
+    raise DataError([f"{where}: <row>: unrecognised format (fields {_short(fields, 200)}); tried " + "; ".join(reasons)])
 
 
 def import_data(path: str, fmt: str = "auto", skip_bad: bool = False) -> list[Example]:
@@ -140,29 +141,59 @@ def import_data(path: str, fmt: str = "auto", skip_bad: bool = False) -> list[Ex
 
 def import_rows(rows: list[tuple[str, object]], fmt: str = "auto", name: str = "<data>"):
     """(examples, problems) for rows in ``fmt``; a row with a problem yields no example."""
-    if fmt == "auto":
-        fmt = detect_format(rows, name)
-    if fmt not in FORMATS:
-        raise DataError([f"{name}: <format>: unknown format {fmt!r}; choose from {list(FORMATS)} or auto"])
     problems = _Problems()
+    examples = list(iter_import(rows, fmt, problems, name))
+    return examples, problems.items
+
+
+def peek_format(rows: Iterable[tuple[str, object]], fmt: str = "auto", name: str = "<data>"):
+    """(format, the same rows): ``fmt``, or when "auto" the format of the first readable row, read ahead."""
+    rows = iter(rows)
+    if fmt != "auto":
+        return fmt, rows
+    head = []
+    for item in rows:  # up to the first row that could be read, which tells the format
+        head.append(item)
+        if not isinstance(item[1], _BadRow):
+            break
+    return detect_format(head, name), itertools.chain(head, rows)
+
+
+def iter_import(rows: Iterable[tuple[str, object]], fmt: str, problems: _Problems, name: str = "<data>"):
+    """Examples from ``rows`` in ``fmt`` (auto: detected from the first readable row), streaming where the
+    format allows (one example per row); problems are recorded in ``problems``, never raised per row."""
+    fmt, rows = peek_format(rows, fmt, name)
+    if fmt not in FORMATS:
+        raise DataError([f"{name}: <format>: unknown format {_short(fmt)}; choose from {list(FORMATS)} or auto"])
     importer = {
         "alignkit": _import_parse_row, "trl": _import_parse_row, "hh-rlhf": import_hh_rlhf, "shp": import_shp,
         "ultrafeedback": import_ultrafeedback, "helpsteer": import_helpsteer, "oasst1": import_oasst1,
         "pku-saferlhf": import_pku_saferlhf, "label-studio": import_label_studio,
     }[fmt]
-    examples = importer(rows, problems)
-    for ex in examples:
+    for ex in importer(_objects(rows, problems), problems):
+        # What an importer built must be a valid row of the schema, as if it had been read from a file.
+        if importer is not _import_parse_row and parse_row(ex.to_dict(), ex.source, problems) is None:
+            continue
         ex.meta.setdefault("format", fmt)
-    return examples, problems.items
+        yield ex
+
+
+def _objects(rows, problems):
+    """Rows that are JSON objects; unreadable rows and other values are recorded as problems."""
+    for where, row in rows:
+        if isinstance(row, _BadRow):
+            problems.add(where, row.field, row.msg)
+        elif not isinstance(row, dict):
+            problems.add(where, "<row>", f"expected a JSON object, got {type(row).__name__}")
+        else:
+            yield where, row
 
 
 def _import_parse_row(rows, problems):
-    out = []
     for where, row in rows:
         ex = parse_row(row, where, problems)
         if ex is not None:
-            out.append(ex)
-    return out
+            yield ex
 
 
 def _need(row, where, fields, problems) -> bool:
@@ -176,67 +207,35 @@ def _need(row, where, fields, problems) -> bool:
 
 def _text(row, key, where, problems) -> str | None:
     v = row.get(key)
-    if not isinstance(v, str) or not v.strip():
-        problems.add(where, key, "expected a non-empty string" if v is not None else "missing")
+    if v is None:
+        problems.add(where, key, "missing")
         return None
-    return v
+    return v if _check_text(v, where, key, problems) else None
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
 
 
 # ----------------------------------------------------------------------------- Anthropic HH-RLHF
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
-_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
-
-
-def hh_transcript_to_messages(text: str) -> list[dict]:
-    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{user, hi}, {assistant, hello}]."""
-    parts = _HH_TURN.split(text)
-    if parts[0].strip():
-        raise ValueError(f"text before the first turn marker: {parts[0][:40]!r}")
-    return [{"role": _HH_ROLE[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
-
-
-def import_hh_rlhf(rows, problems) -> list[Example]:
+def import_hh_rlhf(rows, problems) -> Iterator[Example]:
     """The prompt is the longest common prefix of chosen and rejected, cut back to its last
-    '\\n\\nAssistant:'; a single human turn becomes a string prompt, several a conversation."""
-    out = []
+    '\\n\\nAssistant:'; a single human turn becomes a string prompt, several a conversation
+    (``schema.split_transcripts``, which also reads implicit-prompt transcripts in any file)."""
     for where, row in rows:
         chosen, rejected = _text(row, "chosen", where, problems), _text(row, "rejected", where, problems)
         if chosen is None or rejected is None:
             continue
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        cut = chosen.rfind("\n\nAssistant:", 0, n + len("\n\nAssistant:") - 1)
-        if cut < 0 or cut + len("\n\nAssistant:") > n:
-            problems.add(where, "chosen", "chosen and rejected share no transcript ending in '\\n\\nAssistant:'")
+        split = split_transcripts(chosen, rejected, where, problems)
+        if split is None:
             continue
-        try:
-            turns = hh_transcript_to_messages(chosen[:cut])
-        except ValueError as e:
-            problems.add(where, "chosen", str(e))
-            continue
-        if not turns or turns[-1]["role"] != "user" or not all(t["content"] for t in turns):
-            problems.add(where, "chosen", "the shared transcript must end with a non-empty Human turn")
-            continue
-        answers = []
-        for key, text in (("chosen", chosen), ("rejected", rejected)):
-            answer = text[cut + len("\n\nAssistant:"):].strip()
-            if _HH_TURN.search(text, cut + len("\n\nAssistant:")):
-                problems.add(where, key, "continues with more turns after the reply that differs")
-            elif not answer:
-                problems.add(where, key, "the final Assistant reply is empty")
-            else:
-                answers.append(answer)
-        if len(answers) < 2:
-            continue
+        prompt, answers = split
         if answers[0] == answers[1]:
             problems.add(where, "rejected", "the chosen and rejected replies are identical")
             continue
-        prompt = turns[0]["content"] if len(turns) == 1 else turns
-        out.append(Example(prompt=prompt, answers=answers, labels=[Label(kind="pairwise", chosen=0, rejected=1)],
-                           source=where, meta={}))
-    return out
+        yield Example(prompt=prompt, answers=answers, labels=[Label(kind="pairwise", chosen=0, rejected=1)],
+                      source=where, meta={})
 
 
 # ----------------------------------------------------------------------------- Stanford SHP
@@ -251,8 +250,8 @@ def import_shp(rows, problems) -> list[Example]:
             continue
         history = _text(row, "history", where, problems)
         a, b = _text(row, "human_ref_A", where, problems), _text(row, "human_ref_B", where, problems)
-        if row["labels"] not in (0, 1):
-            problems.add(where, "labels", f"expected 0 or 1, got {row['labels']!r}")
+        if not _is_int(row["labels"]) or row["labels"] not in (0, 1):
+            problems.add(where, "labels", f"expected 0 or 1, got {_short(row['labels'])}")
             continue
         if None in (history, a, b):
             continue
@@ -263,7 +262,7 @@ def import_shp(rows, problems) -> list[Example]:
                                        meta={"domain": row.get("domain"), "answer_ids": []})
         ids = []
         for text, cid in ((a, row.get("c_root_id_A")), (b, row.get("c_root_id_B"))):
-            key = cid if cid is not None else text
+            key = str(cid) if cid is not None else text
             if key not in ex.meta["answer_ids"]:
                 ex.meta["answer_ids"].append(key)
                 ex.answers.append(text)
@@ -281,10 +280,9 @@ def import_shp(rows, problems) -> list[Example]:
 ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 
 
-def import_ultrafeedback(rows, problems) -> list[Example]:
+def import_ultrafeedback(rows, problems) -> Iterator[Example]:
     """One example per instruction; each completion's per-aspect ``Rating`` becomes a rating
     label (``N/A`` skipped); ``fine-grained_score`` is the overall (aspect None) rating."""
-    out = []
     for where, row in rows:
         prompt = _text(row, "instruction", where, problems)
         comps = row.get("completions")
@@ -294,8 +292,13 @@ def import_ultrafeedback(rows, problems) -> list[Example]:
         answers, labels, models, overall, ok = [], [], [], [], True
         for j, comp in enumerate(comps):
             f = f"completions[{j}]"
-            if not isinstance(comp, dict) or not isinstance(comp.get("response"), str) or not comp["response"].strip():
-                problems.add(where, f"{f}.response", "expected a non-empty string")
+            if not isinstance(comp, dict):
+                problems.add(where, f, f"expected an object, got {type(comp).__name__}")
+                ok = False
+                continue
+            if comp.get("response") is None or not _check_text(comp["response"], where, f"{f}.response", problems):
+                if comp.get("response") is None:
+                    problems.add(where, f"{f}.response", "missing")
                 ok = False
                 continue
             answers.append(comp["response"])
@@ -307,24 +310,33 @@ def import_ultrafeedback(rows, problems) -> list[Example]:
                 ok = False
                 continue
             for aspect, val in ann.items():
+                if not isinstance(val, dict) and val is not None:
+                    problems.add(where, f"{f}.annotations.{aspect}", f"expected an object with a Rating, got {_short(val)}")
+                    ok = False
+                    continue
                 rating = val.get("Rating") if isinstance(val, dict) else None
                 if rating in (None, "N/A"):
                     continue
                 try:
-                    value = float(rating)
-                except (TypeError, ValueError):
-                    problems.add(where, f"{f}.annotations.{aspect}.Rating", f"expected a number as a string, got {rating!r}")
+                    value = _finite_number(float(rating)) if isinstance(rating, (str, int, float)) else None
+                except (ValueError, OverflowError):
+                    value = None
+                if value is None:
+                    problems.add(where, f"{f}.annotations.{aspect}.Rating",
+                                 f"expected a finite number as a string, got {_short(rating)}")
                     ok = False
                     continue
                 labels.append(Label(kind="rating", answer=len(answers) - 1, aspect=aspect, value=value))
             fg = comp.get("fine-grained_score")
-            if isinstance(fg, (int, float)) and not isinstance(fg, bool):
+            if fg is not None and _finite_number(fg) is None:
+                problems.add(where, f"{f}.fine-grained_score", _not_a_number(fg))
+                ok = False
+            elif fg is not None:
                 labels.append(Label(kind="rating", answer=len(answers) - 1, value=float(fg)))
         if prompt is None or not ok:
             continue
-        out.append(Example(prompt=prompt, answers=answers, labels=labels, source=where,
-                           meta={"source": row.get("source"), "models": models, "overall_score": overall}))
-    return out
+        yield Example(prompt=prompt, answers=answers, labels=labels, source=where,
+                      meta={"source": row.get("source"), "models": models, "overall_score": overall})
 
 
 # ----------------------------------------------------------------------------- HelpSteer / HelpSteer2
@@ -340,8 +352,8 @@ def import_helpsteer(rows, problems) -> list[Example]:
         values, ok = {}, True
         for aspect in HELPSTEER_ASPECTS:
             v = row.get(aspect)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 4:
-                problems.add(where, aspect, f"expected a score from 0 to 4, got {v!r}")
+            if _finite_number(v) is None or not 0 <= v <= 4:
+                problems.add(where, aspect, f"expected a score from 0 to 4, got {_short(v)}")
                 ok = False
             else:
                 values[aspect] = float(v)
@@ -367,15 +379,25 @@ def import_oasst1(rows, problems) -> list[Example]:
     Deleted messages (``deleted``) and ones failing review (``review_result`` false) are
     skipped with their subtrees."""
     msgs, where_of = {}, {}
+    n_before = problems.count
     for where, row in rows:
         if not _need(row, where, ["message_id", "role", "text"], problems):
             continue
-        if row["role"] not in _OASST_ROLE:
-            problems.add(where, "role", f"expected 'prompter' or 'assistant', got {row['role']!r}")
+        if not isinstance(row["role"], str) or row["role"] not in _OASST_ROLE:
+            problems.add(where, "role", f"expected 'prompter' or 'assistant', got {_short(row['role'])}")
+            continue
+        bad_id = [k for k in ("message_id", "parent_id", "message_tree_id") if row.get(k) is not None
+                  and not _is_id(row[k])]
+        bad_rank = row.get("rank") is not None and not _is_int(row["rank"])
+        if bad_id or bad_rank or _text(row, "text", where, problems) is None:
+            for k in bad_id:
+                problems.add(where, k, f"expected a string id, got {_short(row[k])}")
+            if bad_rank:
+                problems.add(where, "rank", f"expected an integer (0 = best), got {_short(row['rank'])}")
             continue
         mid = row["message_id"]
         if mid in msgs:
-            problems.add(where, "message_id", f"duplicate id {mid!r} (first at {where_of[mid]})")
+            problems.add(where, "message_id", f"duplicate id {_short(mid)} (first at {where_of[mid]})")
             continue
         msgs[mid], where_of[mid] = row, where
     children = defaultdict(list)
@@ -386,21 +408,21 @@ def import_oasst1(rows, problems) -> list[Example]:
             if row["role"] != "prompter":
                 problems.add(where, "parent_id", "missing: a tree's root must be a prompter message")
             elif tree is not None and tree != mid:
-                problems.add(where, "message_tree_id", f"a root's tree id must be its own message_id, got {tree!r}")
+                problems.add(where, "message_tree_id", f"a root's tree id must be its own message_id, got {_short(tree)}")
             continue
         if parent not in msgs:
-            problems.add(where, "parent_id", f"{parent!r} is not the message_id of any message in the data")
+            problems.add(where, "parent_id", f"{_short(parent)} is not the message_id of any message in the data")
             continue
         prow = msgs[parent]
         if tree is not None and prow.get("message_tree_id") is not None and prow["message_tree_id"] != tree:
-            problems.add(where, "message_tree_id", f"{tree!r} differs from its parent's tree {prow['message_tree_id']!r}")
+            problems.add(where, "message_tree_id", f"{_short(tree)} differs from its parent's tree {_short(prow['message_tree_id'])}")
             continue
         if prow["role"] == row["role"]:
             problems.add(where, "parent_id", f"a {row['role']} message replies to another {row['role']} message")
             continue
         children[parent].append(mid)
 
-    if not problems.items:  # every parent exists: each chain must now reach a root without looping
+    if problems.count == n_before:  # every parent exists: each chain must now reach a root without looping
         in_cycle = set()
         for mid in msgs:
             chain, cur = [], mid
@@ -430,7 +452,7 @@ def import_oasst1(rows, problems) -> list[Example]:
             mid = row.get("parent_id")
         return chain[::-1]
 
-    if problems.items:  # broken trees: stop before building conversations from them
+    if problems.count > n_before:  # broken trees: stop before building conversations from them
         return []
     out = []
     for mid, row in msgs.items():
@@ -460,18 +482,17 @@ def import_oasst1(rows, problems) -> list[Example]:
 # ----------------------------------------------------------------------------- PKU-SafeRLHF
 
 
-def import_pku_saferlhf(rows, problems) -> list[Example]:
+def import_pku_saferlhf(rows, problems) -> Iterator[Example]:
     """Two pairwise labels per row (aspects ``helpfulness`` from better_response_id and
     ``safety`` from safer_response_id) and a binary ``safety`` label per response."""
-    out = []
     for where, row in rows:
         prompt = _text(row, "prompt", where, problems)
         answers = [_text(row, "response_0", where, problems), _text(row, "response_1", where, problems)]
         labels, ok = [], prompt is not None and None not in answers
         for key, aspect in (("better_response_id", "helpfulness"), ("safer_response_id", "safety")):
             v = row.get(key)
-            if v not in (0, 1) or isinstance(v, bool):
-                problems.add(where, key, f"expected 0 or 1, got {v!r}")
+            if not _is_int(v) or v not in (0, 1):
+                problems.add(where, key, f"expected 0 or 1, got {_short(v)}")
                 ok = False
                 continue
             labels.append(Label(kind="pairwise", chosen=v, rejected=1 - v, aspect=aspect))
@@ -480,7 +501,7 @@ def import_pku_saferlhf(rows, problems) -> list[Example]:
             if safe is None:
                 continue
             if not isinstance(safe, bool):
-                problems.add(where, f"is_response_{j}_safe", f"expected true or false, got {safe!r}")
+                problems.add(where, f"is_response_{j}_safe", f"expected true or false, got {_short(safe)}")
                 ok = False
                 continue
             labels.append(Label(kind="binary", answer=j, good=safe, aspect="safety"))
@@ -488,8 +509,7 @@ def import_pku_saferlhf(rows, problems) -> list[Example]:
             problems.add(where, "response_1", "identical to response_0")
             ok = False
         if ok:
-            out.append(Example(prompt=prompt, answers=answers, labels=labels, source=where, meta={}))
-    return out
+            yield Example(prompt=prompt, answers=answers, labels=labels, source=where, meta={})
 
 
 # ----------------------------------------------------------------------------- Label Studio
@@ -501,13 +521,12 @@ def _annotator_id(completed_by):
     return None if completed_by is None else str(completed_by)
 
 
-def import_label_studio(rows, problems) -> list[Example]:
+def import_label_studio(rows, problems) -> Iterator[Example]:
     """A Label Studio JSON export: pairwise tasks (``data`` {prompt, answer1, answer2}) and
     ranker tasks (``data`` {prompt, <list of {id, ...}>}). Each annotation is one
     annotator's label (``completed_by``); ``ground_truth`` marks a golden label;
     cancelled annotations are skipped. A task written by ``export_label_studio`` carries
     ``prompt_messages``/``example_id``/``answer_index`` to restore the original row."""
-    out = []
     for where, task in rows:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             problems.add(where, "data", "expected a task object with a 'data' object")
@@ -521,7 +540,10 @@ def import_label_studio(rows, problems) -> list[Example]:
         if prompt is None:
             problems.add(where, "data.prompt", "missing")
             continue
-        n_before = len(problems.items)
+        if not _check_prompt(prompt, where, "data.prompt_messages" if data.get("prompt_messages") else "data.prompt",
+                             problems):
+            continue
+        n_before = problems.count
         answers, ids = None, None  # ids: Label Studio item id -> answer index (ranker)
         labels = []
         for a, ann in enumerate(anns):
@@ -532,7 +554,11 @@ def import_label_studio(rows, problems) -> list[Example]:
             if ann.get("was_cancelled"):
                 continue
             annotator, golden = _annotator_id(ann.get("completed_by")), bool(ann.get("ground_truth", False))
-            for k, res in enumerate(ann.get("result") or []):
+            results = ann.get("result") or []
+            if not isinstance(results, list):
+                problems.add(where, f"{f}.result", f"expected a list of results, got {type(results).__name__}")
+                continue
+            for k, res in enumerate(results):
                 g = f"{f}.result[{k}]"
                 rtype = res.get("type") if isinstance(res, dict) else None
                 value = res.get("value") if isinstance(res, dict) else None
@@ -546,7 +572,7 @@ def import_label_studio(rows, problems) -> list[Example]:
                             break
                     sel = value.get("selected") if isinstance(value, dict) else None
                     if sel not in ("left", "right"):
-                        problems.add(where, f"{g}.value.selected", f"expected 'left' or 'right', got {sel!r}")
+                        problems.add(where, f"{g}.value.selected", f"expected 'left' or 'right', got {_short(sel)}")
                         continue
                     c = 0 if sel == "left" else 1
                     labels.append(Label(kind="pairwise", chosen=c, rejected=1 - c, annotator=annotator, golden=golden))
@@ -557,9 +583,9 @@ def import_label_studio(rows, problems) -> list[Example]:
                             break
                     labels.extend(_ranker_labels(value, ids, res.get("to_name"), annotator, golden, where, g, problems))
                 else:
-                    problems.add(where, f"{g}.type", f"result type {rtype!r} is not supported: the importer reads "
+                    problems.add(where, f"{g}.type", f"result type {_short(rtype)} is not supported: the importer reads "
                                  "'pairwise' and 'ranker' results")
-        if len(problems.items) > n_before:
+        if problems.count > n_before:
             continue
         if answers is None:  # no completed annotation: the task still carries the texts
             if isinstance(data.get("answer1"), str) and isinstance(data.get("answer2"), str):
@@ -573,8 +599,7 @@ def import_label_studio(rows, problems) -> list[Example]:
             meta["answer_index"] = idx
         ex = Example(prompt=prompt, answers=answers, labels=labels, source=where, meta=meta,
                      id=None if data.get("example_id") is None else str(data["example_id"]))
-        out.append(ex)
-    return out
+        yield ex
 
 
 def _ranker_items(data, where, problems):
@@ -603,13 +628,16 @@ def _ranker_labels(value, ids, to_name, annotator, golden, where, f, problems) -
         try:
             order = [ids[str(i)] for i in ranker]
         except KeyError as e:
-            problems.add(where, f"{f}.value.ranker", f"item id {e.args[0]!r} is not in the task's items")
+            problems.add(where, f"{f}.value.ranker", f"item id {_short(e.args[0])} is not in the task's items")
             return []
         if sorted(order) != list(range(len(ids))):
             problems.add(where, f"{f}.value.ranker", "a ranking must list every item exactly once")
             return []
         return [Label(kind="ranking", order=order, annotator=annotator, golden=golden)]
     if isinstance(ranker, dict):  # buckets, best first; the source list's own name holds unplaced items
+        if not all(isinstance(v, list) for v in ranker.values()):
+            problems.add(where, f"{f}.value.ranker", "each bucket must be a list of item ids")
+            return []
         buckets = [[ids.get(str(i)) for i in v] for k, v in ranker.items() if k != to_name]
         if any(None in b for b in buckets):
             problems.add(where, f"{f}.value.ranker", "a bucket names an item id not in the task's items")
@@ -617,5 +645,5 @@ def _ranker_labels(value, ids, to_name, annotator, golden, where, f, problems) -
         return [Label(kind="pairwise", chosen=c, rejected=r, annotator=annotator, golden=golden)
                 for hi in range(len(buckets)) for lo in range(hi + 1, len(buckets))
                 for c in buckets[hi] for r in buckets[lo]]
-    problems.add(where, f"{f}.value.ranker", f"expected a list of item ids or an object of buckets, got {ranker!r}")
+    problems.add(where, f"{f}.value.ranker", f"expected a list of item ids or an object of buckets, got {_short(ranker)}")
     return []
