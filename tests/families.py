@@ -7,13 +7,14 @@ The matrix (one row per family; every convention alignkit must handle appears at
 | gpt2    | GPT2LMHeadModel   | byte-level BPE                    | -                 | none (pad = EOS) | right   | none (alignkit's default; EOS)            |
 | llama3  | LlamaForCausalLM  | byte-level BPE                    | tokenizer+template| none (pad = EOS) | right   | Llama 3 headers (<|eot_id|>)              |
 | neox    | GPTNeoXForCausalLM| byte-level BPE (Pythia)           | -                 | <|padding|>      | left    | Zephyr-style, turn ends with EOS          |
-| qwen2   | Qwen2ForCausalLM  | byte-level BPE                    | -                 | <|endoftext|>    | right   | ChatML + {% generation %} (<|im_end|>)    |
+| qwen2   | Qwen2ForCausalLM  | byte-level BPE                    | -                 | = EOS, explicit  | right   | ChatML + {% generation %} (<|im_end|>)    |
 | mistral | MistralForCausalLM| SentencePiece-style BPE (Metaspace)| tokenizer+template| none (pad = EOS) | right   | [INST] ... [/INST] answer</s> (EOS)       |
 | gemma2  | Gemma2ForCausalLM | SentencePiece-style Unigram       | tokenizer+template| <pad>            | right   | <start_of_turn> (<end_of_turn>)           |
 | phi3    | Phi3ForCausalLM   | SentencePiece-style BPE (Metaspace)| tokenizer only    | <pad>            | left    | <|user|> ... <|end|> (<|end|>)            |
 | opt     | OPTForCausalLM    | byte-level BPE, BOS = EOS = </s>  | tokenizer         | <pad>            | right   | none (alignkit's default; EOS)            |
 
-Every folder also has a ``generation_config.json`` with sampling options alignkit must not inherit
+Gemma 2 has no sdpa in transformers 5 (eager only) and a sliding window (16 here) shorter than the data's
+sequences, so its local layers really slide. Every folder also has a ``generation_config.json`` with sampling options alignkit must not inherit
 (temperature, top_p, top_k, min_p, repetition_penalty, no_repeat_ngram_size, typical_p), and the
 family's stop ids as ``eos_token_id`` (EOS and end-of-turn, as Llama 3 / Gemma / Qwen ship them).
 ``qwen2`` also lists EOS and ``<|im_end|>`` under ``suppress_tokens`` (issue 9, error 2: sampling that

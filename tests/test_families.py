@@ -229,7 +229,7 @@ def reward_scores_by_path(rm_dir: str, shared_base_of: str | None = None) -> dic
         from alignkit.modeling import load_model
         from alignkit.rewards import SharedBase
 
-        cfg = ModelConfig(name_or_path=shared_base_of)
+        cfg = ModelConfig(name_or_path=shared_base_of, attn_implementation=supported_attention(shared_base_of)[-1])
         cfg.lora.enabled = True
         policy = load_model(cfg, task="causal-lm")
         shared = ModelReward(RewardSourceConfig(name_or_path=os.path.join(rm_dir, "final_adapter")),

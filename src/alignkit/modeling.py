@@ -140,8 +140,8 @@ def load_model(cfg: ModelConfig, *, task: str = "causal-lm", num_labels: int = 1
         raise ModelLoadError(f"could not load model {where}: {e}") from None
     except ValueError as e:
         msg = str(e).split("\n")[0]
-        if "attention" in msg.lower():
-            raise ModelLoadError(f"model.attn_implementation={cfg.attn_implementation}: {msg} Set "
+        if "attention" in msg.lower():  # transformers' message goes on with a Python example: its first sentence
+            raise ModelLoadError(f"model.attn_implementation={cfg.attn_implementation}: {msg.split('. ')[0]}. Set "
                                  "model.attn_implementation=eager (every architecture has it).") from None
         raise ModelLoadError(f"could not load model {where} for task {task}: {msg}") from None
     if quant is not None and trainable:
