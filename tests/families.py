@@ -14,8 +14,9 @@ The matrix (one row per family; every convention alignkit must handle appears at
 | opt     | OPTForCausalLM    | byte-level BPE, BOS = EOS = </s>  | tokenizer         | <pad>            | right   | none (alignkit's default; EOS)            |
 
 Gemma 2 has no sdpa in transformers 5 (eager only) and a sliding window (16 here) shorter than the data's
-sequences, so its local layers really slide. Every folder also has a ``generation_config.json`` with sampling options alignkit must not inherit
-(temperature, top_p, top_k, min_p, repetition_penalty, no_repeat_ngram_size, typical_p), and the
+sequences, so its local layers really slide. Every folder also has a ``generation_config.json`` with
+sampling options alignkit must not inherit (temperature, top_p, top_k, min_p, repetition_penalty,
+no_repeat_ngram_size, typical_p), and the
 family's stop ids as ``eos_token_id`` (EOS and end-of-turn, as Llama 3 / Gemma / Qwen ship them).
 ``qwen2`` also lists EOS and ``<|im_end|>`` under ``suppress_tokens`` (issue 9, error 2: sampling that
 obeys it never ends a response).
