@@ -127,7 +127,15 @@ def test_reward_model_from_an_sft_model_says_one_line_not_a_load_report(family_d
         load_model(ModelConfig(name_or_path=family_dirs["qwen2"]), task="reward", trainable=False)
     assert capsys.readouterr().out.strip() == "reward head initialised fresh: score.weight"
     assert "LOAD REPORT" not in caplog.text
-    assert logging.getLogger("transformers.modeling_utils").level == logging.NOTSET  # the switch is put back
+    assert not logging.getLogger("transformers.modeling_utils").filters  # the filter is removed after loading
+
+
+def test_reward_head_of_another_size_is_an_error_with_transformers_report(family_dirs, tmp_path):
+    # A saved one-output reward model read as a two-output one.
+    model = load_model(ModelConfig(name_or_path=family_dirs["gpt2"]), task="reward", trainable=False)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"(?s)num_labels=2: .*LOAD REPORT.*score.weight"):
+        load_model(ModelConfig(name_or_path=str(tmp_path)), task="reward", num_labels=2, trainable=False)
 
 
 def test_bitsandbytes_kernels_fallback_warning_is_dropped(caplog):

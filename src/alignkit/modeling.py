@@ -127,10 +127,16 @@ def load_model(cfg: ModelConfig, *, task: str = "causal-lm", num_labels: int = 1
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
         elif task == "reward":
-            # A causal LM's folder has no score head: transformers' multi-line load report about it becomes one line.
-            with _quiet_load_report():
-                model, info = AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels,
-                                                                                 output_loading_info=True, **kwargs)
+            # A causal LM's folder has no score head: transformers' multi-line load report about it becomes one
+            # line; a report that comes with an error (e.g. a head of another size) goes into the error.
+            with _captured_load_report() as report:
+                try:
+                    model, info = AutoModelForSequenceClassification.from_pretrained(
+                        src, num_labels=num_labels, output_loading_info=True, **kwargs)
+                except RuntimeError as e:
+                    raise ModelLoadError(f"could not load {where} as a sequence classifier with num_labels="
+                                         f"{num_labels}: {str(e).replace('the above report', 'the report below')}"
+                                         f"\n{chr(10).join(report)}") from None
             _report_fresh_weights(info, where)
             if pad_token_id is not None:
                 model.config.pad_token_id = pad_token_id
@@ -138,6 +144,8 @@ def load_model(cfg: ModelConfig, *, task: str = "causal-lm", num_labels: int = 1
             raise ValueError(f"unknown task {task!r}")
     except OSError as e:
         raise ModelLoadError(f"could not load model {where}: {e}") from None
+    except ModelLoadError:
+        raise
     except ValueError as e:
         msg = str(e).split("\n")[0]
         if "attention" in msg.lower():  # transformers' message goes on with a Python example: its first sentence
@@ -186,18 +194,29 @@ def check_architecture(src: str, where: str, trust_remote_code: bool = False, re
         return  # no config to read (e.g. a Hub id offline): from_pretrained reports it
 
 
+class _LoadReportFilter:
+    """Keeps transformers' LOAD REPORT (a warning of ``transformers.modeling_utils``) instead of printing it."""
+
+    def __init__(self):
+        self.reports: list[str] = []
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.reports.append(record.getMessage())
+            return False
+        return True
+
+
 @contextmanager
-def _quiet_load_report():
-    """Silence transformers' LOAD REPORT table (logged as a warning by ``transformers.modeling_utils``)."""
+def _captured_load_report():
     import logging
 
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger, capture = logging.getLogger("transformers.modeling_utils"), _LoadReportFilter()
+    logger.addFilter(capture)
     try:
-        yield
+        yield capture.reports
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(capture)
 
 
 # Weights a sequence classifier adds to a causal LM: starting a reward model from an SFT model leaves them fresh.

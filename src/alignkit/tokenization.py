@@ -10,6 +10,7 @@ answer tokens only. This module owns "what ends an answer" (:func:`answer_end_id
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -120,7 +121,7 @@ def check_chat_template(tokenizer) -> None:
     if between is None or between.strip():
         raise TokenizerError(f"{where}: the template puts {between!r} between the generation prompt and the "
                              "assistant's message, where alignkit's answers start")
-    if "generation" in tokenizer.chat_template and "{% generation" in tokenizer.chat_template.replace("{%-", "{%"):
+    if re.search(r"{%-?\s*generation\s*-?%}", tokenizer.chat_template):
         rendered = tokenizer.apply_chat_template(_probe(tokenizer), tokenize=True, return_dict=True,
                                                  return_assistant_tokens_mask=True)
         marked = [t for t, m in zip(rendered["input_ids"], rendered["assistant_masks"]) if m]
