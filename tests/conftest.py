@@ -35,3 +35,14 @@ def sft_model_dir(tmp_path_factory):
                        "log.progress=false"])
     train_sft(cfg)
     return str(out / "final")
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Tiny random-weight models of eight real families (tests/families.py), built once per test session."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import families
+
+    return families.build_all(str(tmp_path_factory.mktemp("families")))

@@ -42,27 +42,51 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+    """The model's tokenizer, checked before any training: it can end an answer (EOS or a chat template's
+    end-of-turn token), has a pad token (EOS when it has none) and a chat template (alignkit's default when
+    it has none) that renders a conversation where SFT's loss needs it. Bad tokenizers raise ModelLoadError."""
     from transformers import AutoTokenizer
 
-    path = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    from alignkit.tokenization import TokenizerError, answer_end_id, check_chat_template
+
+    where = cfg.tokenizer or cfg.name_or_path
+    path = resolve_path(where)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load tokenizer from {cfg.tokenizer or cfg.name_or_path}: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if tok.eos_token is None:
-        raise ModelLoadError(f"tokenizer {path} has no eos_token: alignkit needs one to end answers")
+        raise ModelLoadError(f"could not load tokenizer from {where}: {e}") from None
     if not tok.chat_template:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    try:
+        check_chat_template(tok)
+        if tok.eos_token is None:  # e.g. a chat tokenizer whose turns end with <|im_end|> and no EOS of its own
+            tok.eos_token = tok.convert_ids_to_tokens(answer_end_id(tok))
+    except TokenizerError as e:
+        raise ModelLoadError(f"tokenizer {where}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
+
+
+class _DropKernelsFallbackWarning:
+    """bitsandbytes warns at import, on CPUs with AVX512-BF16, that the optional ``kernels`` package is
+    missing; it then uses its own CPU kernel, so there is nothing for the user to do."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 def _quantization(cfg: ModelConfig):
     if not (cfg.load_in_8bit or cfg.load_in_4bit):
         return None
+    import logging
+
     from transformers import BitsAndBytesConfig
+
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")  # before bitsandbytes is first imported
+    if not any(isinstance(f, _DropKernelsFallbackWarning) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_DropKernelsFallbackWarning())
 
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -88,7 +112,9 @@ def load_model(cfg: ModelConfig, *, task: str = "causal-lm", num_labels: int = 1
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    src = resolve_path(path or cfg.name_or_path)
+    where = path or cfg.name_or_path
+    src = resolve_path(where)
+    check_architecture(src, where, cfg.trust_remote_code, cfg.revision)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=DTYPES[cfg.dtype],
                   attn_implementation=cfg.attn_implementation)
     quant = _quantization(cfg)
@@ -99,13 +125,31 @@ def load_model(cfg: ModelConfig, *, task: str = "causal-lm", num_labels: int = 1
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
         elif task == "reward":
-            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels, **kwargs)
+            # A causal LM's folder has no score head: transformers' multi-line load report about it becomes one
+            # line; a report that comes with an error (e.g. a head of another size) goes into the error.
+            with _captured_load_report() as report:
+                try:
+                    model, info = AutoModelForSequenceClassification.from_pretrained(
+                        src, num_labels=num_labels, output_loading_info=True, **kwargs)
+                except RuntimeError as e:
+                    raise ModelLoadError(f"could not load {where} as a sequence classifier with num_labels="
+                                         f"{num_labels}: {str(e).replace('the above report', 'the report below')}"
+                                         f"\n{chr(10).join(report)}") from None
+            _report_fresh_weights(info, where)
             if pad_token_id is not None:
                 model.config.pad_token_id = pad_token_id
         else:
             raise ValueError(f"unknown task {task!r}")
     except OSError as e:
-        raise ModelLoadError(f"could not load model {path or cfg.name_or_path}: {e}") from None
+        raise ModelLoadError(f"could not load model {where}: {e}") from None
+    except ModelLoadError:
+        raise
+    except ValueError as e:
+        msg = str(e).split("\n")[0]
+        if "attention" in msg.lower():  # transformers' message goes on with a Python example: its first sentence
+            raise ModelLoadError(f"model.attn_implementation={cfg.attn_implementation}: {msg.split('. ')[0]}. Set "
+                                 "model.attn_implementation=eager (every architecture has it).") from None
+        raise ModelLoadError(f"could not load model {where} for task {task}: {msg}") from None
     if quant is not None and trainable:
         from peft import prepare_model_for_kbit_training
 
@@ -122,6 +166,77 @@ def load_model(cfg: ModelConfig, *, task: str = "causal-lm", num_labels: int = 1
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def check_architecture(src: str, where: str, trust_remote_code: bool = False, revision: str | None = None) -> None:
+    """A model folder whose config.json names an architecture this transformers does not know: ModelLoadError."""
+    import json
+
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(src, revision=revision, trust_remote_code=trust_remote_code)
+    except (KeyError, ValueError) as e:
+        named = {}
+        config_path = os.path.join(src, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                raw = json.load(f)
+            named = {k: raw[k] for k in ("model_type", "architectures") if k in raw}
+        raise ModelLoadError(f"{where}/config.json: {named or 'its architecture'} is not an architecture "
+                             f"transformers {transformers.__version__} knows ({str(e).splitlines()[0]}); upgrade "
+                             "transformers, or set model.trust_remote_code=true if the model ships its own code "
+                             "and you trust its author") from None
+    except OSError:
+        return  # no config to read (e.g. a Hub id offline): from_pretrained reports it
+
+
+class _LoadReportFilter:
+    """Keeps transformers' LOAD REPORT (a warning of ``transformers.modeling_utils``) instead of printing it."""
+
+    def __init__(self):
+        self.reports: list[str] = []
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.reports.append(record.getMessage())
+            return False
+        return True
+
+
+@contextmanager
+def _captured_load_report():
+    import logging
+
+    logger, capture = logging.getLogger("transformers.modeling_utils"), _LoadReportFilter()
+    logger.addFilter(capture)
+    try:
+        yield capture.reports
+    finally:
+        logger.removeFilter(capture)
+
+
+# Weights a sequence classifier adds to a causal LM: starting a reward model from an SFT model leaves them fresh.
+HEAD_NAMES = ("score", "classifier")
+
+
+def _report_fresh_weights(info: dict, where: str) -> None:
+    """One line for what transformers' load report would have said in a table: which weights start fresh."""
+    missing = list(info.get("missing_keys", []))
+    head = [k for k in missing if k.split(".")[0] in HEAD_NAMES]
+    other = [k for k in missing if k not in head]
+    if not _main_process():
+        return
+    if head:
+        print(f"reward head initialised fresh: {', '.join(sorted(head))}", flush=True)
+    if other:
+        print(f"warning: {where}: {len(other)} weight(s) missing from the checkpoint, initialised at random: "
+              f"{', '.join(sorted(other)[:5])}{' ...' if len(other) > 5 else ''}", flush=True)
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
 def add_lora(model, cfg: ModelConfig, task: str = "causal-lm", adapter_name: str = "default"):

@@ -1,12 +1,17 @@
 """Prompt/answer tokenization with chat templates, truncation policy, and packing.
 
 A prompt is rendered with the tokenizer's chat template (``add_generation_prompt``),
-then the answer's tokens and EOS follow. This is exactly the text PPO later
-generates from, and it lets SFT put the loss on answer tokens only.
+then the answer's tokens and the token that ends an answer follow: the one the template
+puts after an assistant message (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``...), or
+EOS. This is exactly the text PPO later generates from, and it lets SFT put the loss on
+answer tokens only. This module owns "what ends an answer" (:func:`answer_end_id`) and
+"which tokens stop generation" (:func:`stop_token_ids`); every stage asks it.
 """
 
 from __future__ import annotations
 
+import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -16,16 +21,146 @@ from alignkit.schema import DataError, Example
 
 IGNORE_INDEX = -100
 
+# A probe conversation rendered through a chat template to see where it puts an answer and what follows it.
+PROBE_QUESTION, PROBE_ANSWER = "alignkit probe question", "alignkit probe answer"
+_facts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {(fact, template): value}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer or chat template alignkit cannot train with; ``modeling.load_tokenizer`` names its folder."""
+
+
+def _cached(tokenizer, fact: str, compute):
+    key = (fact, tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    try:
+        per_tok = _facts.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: compute every time
+        return compute()
+    if key not in per_tok:
+        per_tok[key] = compute()
+    return per_tok[key]
+
+
+def _ids(out) -> list[int]:
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+    return ids
+
+
+def _probe(tokenizer) -> list[dict]:
+    return [{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of every text it encodes (Llama 2/3, Mistral, Gemma, Phi-3, OPT)."""
+    def compute():
+        bos = tokenizer.bos_token_id
+        return bos is not None and tokenizer("a")["input_ids"][:1] == [bos] and \
+            tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+    return _cached(tokenizer, "adds_bos", compute)
+
+
+def answer_end_id(tokenizer) -> int:
+    """The token that ends an answer: the special token the chat template renders right after an assistant
+    message's content (``<|im_end|>`` in ChatML, ``<|eot_id|>`` in Llama 3, ``<end_of_turn>`` in Gemma,
+    ``<|end|>`` in Phi-3), else EOS (a template that ends turns with EOS, or with plain text).
+
+    SFT trains answers to end with it, so a policy stops where its template ends a turn.
+    """
+    def compute():
+        end = None
+        if tokenizer.chat_template:
+            full = tokenizer.apply_chat_template(_probe(tokenizer), tokenize=False)
+            k = full.rfind(PROBE_ANSWER)
+            if k >= 0:
+                after = tokenizer(full[k + len(PROBE_ANSWER):].lstrip(), add_special_tokens=False)["input_ids"]
+                if after and after[0] in _special_ids(tokenizer):
+                    end = after[0]
+        if end is None or end == tokenizer.bos_token_id != tokenizer.eos_token_id:
+            end = tokenizer.eos_token_id
+        if end is None:
+            raise TokenizerError("the tokenizer has no eos_token and its chat template ends an assistant turn "
+                                 "with no special token: alignkit needs one of them to end answers")
+        return end
+
+    return _cached(tokenizer, "answer_end", compute)
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends a response, in order: EOS, the template's end of turn (:func:`answer_end_id`), then
+    the model's own ``generation_config.eos_token_id`` entries that are tokens of this tokenizer."""
+    ids = [tokenizer.eos_token_id, answer_end_id(tokenizer)]
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return [i for i in dict.fromkeys(ids) if i is not None and 0 <= i < len(tokenizer)]
+
+
+def check_chat_template(tokenizer) -> None:
+    """Raise TokenizerError unless the chat template renders a conversation the way SFT's loss needs it:
+    the generation prompt (what PPO samples after) is the start of the whole conversation, the assistant's
+    message follows it directly, and a ``{% generation %}`` block marks exactly the answer (+ its end token)."""
+    if not tokenizer.chat_template:
+        return
+    user = _probe(tokenizer)[:1]
+    try:
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(_probe(tokenizer), tokenize=False)
+    except Exception as e:  # jinja errors of all kinds
+        raise TokenizerError(f"chat_template: cannot render a user/assistant conversation: {e}") from None
+    where = f"chat_template: rendering [user, assistant] gives {full!r}"
+    if PROBE_ANSWER not in full:
+        raise TokenizerError(f"{where}, without the assistant's message: SFT would have no answer to train on")
+    if not full.startswith(prompt):
+        raise TokenizerError(f"{where}, which does not start with the generation prompt {prompt!r} that PPO "
+                             "samples after: answers would be trained in another context than they are generated in")
+    between = full[len(prompt):full.index(PROBE_ANSWER, len(prompt))] if PROBE_ANSWER in full[len(prompt):] else None
+    if between is None or between.strip():
+        raise TokenizerError(f"{where}: the template puts {between!r} between the generation prompt and the "
+                             "assistant's message, where alignkit's answers start")
+    if re.search(r"{%-?\s*generation\s*-?%}", tokenizer.chat_template):
+        rendered = tokenizer.apply_chat_template(_probe(tokenizer), tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+        marked = [t for t, m in zip(rendered["input_ids"], rendered["assistant_masks"]) if m]
+        ours = encode_answer(tokenizer, PROBE_ANSWER)
+        # Compared as text: a SentencePiece tokenizer splits "\nanswer" in context differently from "answer".
+        text = [tokenizer.decode(ids, skip_special_tokens=False).strip() for ids in (marked, ours, ours[:-1])]
+        if text[0] not in text[1:]:
+            raise TokenizerError(f"chat_template: its {{% generation %}} block marks "
+                                 f"{tokenizer.convert_ids_to_tokens(marked)} as the assistant's tokens, but SFT "
+                                 f"trains on {tokenizer.convert_ids_to_tokens(ours)}")
+
+
+def unknown_token_share(tokenizer, texts: list[str]) -> float:
+    """Share of the tokens of ``texts`` that are the tokenizer's unknown token (0.0 when it has none):
+    a reward model whose tokenizer cannot read the policy's text scores ``<unk>`` soup."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not texts:
+        return 0.0
+    ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
+    return sum(i == unk for i in ids) / max(1, len(ids))
+
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
+    """The chat-templated prompt with the generation prompt, carrying exactly one BOS when the tokenizer
+    starts every text with one (templates that write ``{{ bos_token }}`` and those that do not alike)."""
+    ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if adds_bos(tokenizer):
+        bos = tokenizer.bos_token_id
+        if ids[:1] != [bos]:
+            ids = [bos] + ids
+        while ids[:2] == [bos, bos]:
+            ids = ids[1:]
+    return ids
 
 
 def encode_answer(tokenizer, answer: str) -> list[int]:
-    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """The answer's tokens and the token that ends it (:func:`answer_end_id`)."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [answer_end_id(tokenizer)]
 
 
 def stop_token_ids(tokenizer) -> list[int]:
