@@ -21,7 +21,8 @@ import torch
 
 import families
 from alignkit.config import ConfigError, DataConfig, ModelConfig, load_config
-from alignkit.modeling import ModelLoadError, load_model, load_tokenizer, resolve_path
+from alignkit.modeling import ModelLoadError, check_packing_window, load_model, load_tokenizer, resolve_path
+from alignkit.rewards import encode_for_reward
 from alignkit.schema import Example, load_examples
 
 FAMILIES = families.NAMES
@@ -50,11 +51,19 @@ class Runs:
         """sdpa where the family has it (alignkit's default), else eager (Gemma 2)."""
         return supported_attention(self.dirs[family])[-1]
 
-    def sft(self, family, packing=True, attn=None, extra=()):
+    def packs(self, family):
+        """Packing is on unless the family slides a window shorter than a row (Gemma 2): a clear error there."""
+        from transformers import AutoConfig
+
+        window = getattr(AutoConfig.from_pretrained(self.dirs[family]).get_text_config(), "sliding_window", None)
+        return window is None or window >= 128
+
+    def sft(self, family, packing=None, attn=None, extra=()):
         from alignkit.sft import SFTConfig, train_sft
 
         attn = attn or self.attention(family)
-        main = packing and attn == self.attention(family) and not extra
+        packing = self.packs(family) if packing is None else packing
+        main = packing == self.packs(family) and attn == self.attention(family) and not extra
         name = "sft" if main else f"sft-{packing}-{attn}-{len(extra)}"
         cfg = load_config(SFTConfig, None, [
             f"model.name_or_path={self.dirs[family]}", f"model.attn_implementation={attn}",
@@ -73,6 +82,7 @@ class Runs:
             "data.train_files=[builtin:pairs:train:24]", "data.eval_files=[builtin:pairs:eval:8]",
             "data.max_length=128", "train.max_steps=2", "train.per_device_batch_size=4", "train.learning_rate=3e-3",
             "rm.normalize_on=[builtin:sft:train:8]", f"model.attn_implementation={self.attention(family)}",
+            f"data.packing={str(self.packs(family)).lower()}",
             f"output_dir={self.path(family, name)}", *COMMON])
         return self._once((family, name), lambda: train_rm(cfg))
 
@@ -136,7 +146,7 @@ def test_sft_runs(runs, family, packing, attn):
     try:
         summary = runs.sft(family, packing, attn)
     except ConfigError as e:  # packing that the attention implementation cannot isolate: a clear error
-        assert packing and "attn_implementation" in str(e), e
+        assert packing and ("attn_implementation" in str(e) or "sliding-window" in str(e)), e
         return
     assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["train_loss"]))
     final = summary["final_dir"]
@@ -170,7 +180,7 @@ def test_ppo_runs(runs, family, mode):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rm_eval_and_report(runs, family, tmp_path):
     from alignkit.pipeline import PipelineConfig, write_report
-    from alignkit.rm import rm_eval
+    from alignkit.rm_eval import rm_eval
 
     runs.ppo(family)
     metrics = rm_eval(os.path.join(runs.path(family, "rm"), "final"), ["builtin:pairs:eval:8"], str(tmp_path))
@@ -194,29 +204,31 @@ def reward_scores_by_path(rm_dir: str, shared_base_of: str | None = None) -> dic
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from alignkit.rewards import ModelReward, RewardSourceConfig
-    from alignkit.rm import (RewardForward, RewardSettings, build_elements, collate_elements, encode_texts, evaluate,
-                             normalization_stats, pack_elements)
+    from alignkit.rm import RewardForward, normalization_stats
+    from alignkit.rm_data import RewardSettings, build_elements, collate_elements, pack_elements
+    from alignkit.rm_eval import evaluate
 
     final = os.path.join(rm_dir, "final")
     out = {}
     # The reference: transformers' own classifier and the saved tokenizer, one unpadded sequence.
     hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
-    ids = encode_texts(tokenizer_of(final), [PROMPT], [ANSWER])[0]
+    ids = encode_for_reward(tokenizer_of(final), PROMPT, ANSWER)
     with torch.no_grad():
         out["AutoModelForSequenceClassification"] = hf(input_ids=torch.tensor([ids])).logits[0, 0].item()
     # RM training's forward, padded and packed, on the element the data pipeline builds.
     example = Example(prompt=PROMPT, answers=[ANSWER, OTHER], source="test:1",
                       labels=[_pairwise()])
     elements, _ = build_elements([example], RewardSettings(), tokenizer_of(final), 128, "error")
-    assert elements[0].sequences[0] == ids, "RM training encodes the text differently from encode_texts"
+    assert elements[0].sequences[0] == ids, "RM training encodes the text differently from encode_for_reward"
     pad = hf.config.pad_token_id
     with torch.no_grad():
         padded = collate_elements(elements, tok.pad_token_id if tok.pad_token_id is not None else pad, 1)
-        out["RM training (padded)"] = RewardForward(hf)(padded["input_ids"], padded["attention_mask"])[0, 0].item()
-        packed = pack_elements(elements, pad, 1, 128)
-        out["RM training (packed)"] = RewardForward(hf)(packed["input_ids"], packed["attention_mask"],
-                                                        packed["position_ids"], packed["read_index"])[0, 0].item()
+        out["RM training (padded)"] = RewardForward(hf, pad)(padded["input_ids"], padded["attention_mask"])[0, 0].item()
+        if window_of(final) is None:  # a sliding window refuses packing (tests below)
+            packed = pack_elements(elements, pad, 1, 128, attn_implementation=hf.config._attn_implementation)
+            out["RM training (packed)"] = RewardForward(hf, pad)(packed["input_ids"], packed["attention_mask"],
+                                                            packed["position_ids"], packed["read_index"])[0, 0].item()
     # RM evaluation (the winner's raw score) and normalisation (the mean of one answer is its score).
     info = {"aspects": ["overall"], "weights": [1.0], "offset": [0.0], "scale": [1.0]}
     _, dists = evaluate(hf, elements, info, pad)
@@ -226,8 +238,8 @@ def reward_scores_by_path(rm_dir: str, shared_base_of: str | None = None) -> dic
     reward = ModelReward(RewardSourceConfig(name_or_path=final))
     out["PPO reward (ModelReward)"] = reward.raw_scores([PROMPT], [ANSWER])[0, 0].item()
     if shared_base_of is not None:  # the LoRA reward model as an adapter on the policy's own base
+        from alignkit.adapters import SharedBase
         from alignkit.modeling import load_model
-        from alignkit.rewards import SharedBase
 
         cfg = ModelConfig(name_or_path=shared_base_of, attn_implementation=supported_attention(shared_base_of)[-1])
         cfg.lora.enabled = True
@@ -253,7 +265,7 @@ def assert_same_scores(scores: dict[str, float], atol=1e-5):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reward_score_is_the_same_on_every_path(runs, family, tmp_path):
-    from alignkit.rm import rm_eval
+    from alignkit.rm_eval import rm_eval
 
     runs.rm(family)
     scores = reward_scores_by_path(runs.path(family, "rm"))
@@ -262,12 +274,11 @@ def test_reward_score_is_the_same_on_every_path(runs, family, tmp_path):
     data.write_text(json.dumps({"prompt": PROMPT, "chosen": ANSWER, "rejected": OTHER}) + "\n")
     from transformers import AutoModelForSequenceClassification
 
-    from alignkit.rm import encode_texts
 
     final = os.path.join(runs.path(family, "rm"), "final")
     hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
     with torch.no_grad():
-        s_other = hf(input_ids=torch.tensor(encode_texts(tokenizer_of(final), [PROMPT], [OTHER]))).logits[0, 0].item()
+        s_other = hf(input_ids=torch.tensor([encode_for_reward(tokenizer_of(final), PROMPT, OTHER)])).logits[0, 0].item()
     scores["rm-eval"] = rm_eval(final, [str(data)])["mean_margin"] + s_other
     assert_same_scores(scores)
 
@@ -282,9 +293,9 @@ def test_reward_score_is_the_same_on_a_shared_base(runs, family):
 
 
 def ppo_prompts(tok, n=4):
-    from alignkit.ppo import load_prompts
+    from alignkit.rollout import load_prompts
 
-    return load_prompts([f"builtin:prompts:train:{n}"], tok, DataConfig(max_length=64), seed=0)
+    return load_prompts([f"builtin:prompts:train:{n}"], tok, DataConfig(max_length=64), seed=0)[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -292,7 +303,7 @@ def test_ppo_logprobs_equal_an_independent_forward_pass(runs, family):
     """rollout's stored log-probs vs plain model(ids).logits / T -> log_softmax -> gather, row by row unpadded."""
     from transformers import AutoModelForCausalLM
 
-    from alignkit.ppo import PPOSettings, rollout
+    from alignkit.rollout import rollout
     from alignkit.rewards import RewardSourceConfig, build_reward
 
     runs.sft(family)
@@ -302,15 +313,15 @@ def test_ppo_logprobs_equal_an_independent_forward_pass(runs, family):
     T = 0.7
     torch.manual_seed(0)
     r = rollout(policy, policy, build_reward([RewardSourceConfig(name_or_path="builtin:gold")]), ppo_prompts(tok), tok,
-                PPOSettings(response_length=8, temperature=T), 4, torch.device("cpu"))
-    for i in range(len(r["texts"])):
-        query = r["query"][i][r["query_mask"][i].bool()]
-        response = r["response"][i][r["response_mask"][i]]
+                8, T, 4, torch.device("cpu"))
+    for i in range(len(r.texts)):
+        query = r.query[i][r.query_mask[i].bool()]
+        response = r.response[i][r.response_mask[i]]
         ids = torch.cat([query, response])[None]
         with torch.no_grad():
             logprobs = torch.log_softmax(policy(input_ids=ids).logits[0].float() / T, -1)
         expected = logprobs[len(query) - 1:-1].gather(-1, response[:, None])[:, 0]
-        torch.testing.assert_close(r["logprobs"][i][r["response_mask"][i]], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.logprobs[i][r.response_mask[i]], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -318,7 +329,7 @@ def test_sampling_ignores_the_models_generation_config(runs, family, tmp_path):
     """The same seed draws the same tokens whatever generation_config.json says (repetition_penalty 2.0, ...)."""
     from transformers import AutoModelForCausalLM
 
-    from alignkit.ppo import left_pad, sample
+    from alignkit.rollout import left_pad, sample
 
     runs.sft(family)
     final = runs.path(family, "sft") + "/final"
@@ -349,7 +360,7 @@ def test_generation_stops_at_every_stop_token(runs, family, which):
     """A policy that always emits the stop token: each response is that one token, and it counts as ended."""
     from transformers import AutoModelForCausalLM
 
-    from alignkit.ppo import PPOSettings, rollout
+    from alignkit.rollout import rollout
     from alignkit.rewards import RewardSourceConfig, build_reward
 
     runs.sft(family)
@@ -363,10 +374,10 @@ def test_generation_stops_at_every_stop_token(runs, family, which):
     policy.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
     torch.manual_seed(0)
     r = rollout(policy, policy, build_reward([RewardSourceConfig(name_or_path="builtin:gold")]), ppo_prompts(tok), tok,
-                PPOSettings(response_length=6), 4, torch.device("cpu"))
-    assert r["response"][:, 0].tolist() == [stop] * 4, "the sampler never drew the boosted stop token"
-    assert r["ended"].all(), f"{fam.eos if which == 'eos' else fam.turn_end} did not end the responses"
-    assert r["response_mask"].sum(-1).tolist() == [1] * 4
+                6, 1.0, 4, torch.device("cpu"))
+    assert r.response[:, 0].tolist() == [stop] * 4, "the sampler never drew the boosted stop token"
+    assert r.ended.all(), f"{fam.eos if which == 'eos' else fam.turn_end} did not end the responses"
+    assert r.response_mask.sum(-1).tolist() == [1] * 4
 
 
 # ============================================================================= answers end where the template ends a turn
@@ -428,6 +439,16 @@ def test_sft_loss_mask_agrees_with_the_templates_generation_block(family_dirs):
 # ============================================================================= packing isolates examples
 
 
+def sliding_window(model):
+    return getattr(model.config.get_text_config(), "sliding_window", None)
+
+
+def window_of(folder):
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(folder).get_text_config(), "sliding_window", None)
+
+
 def _packed_sft_logits(model, tok):
     from alignkit.tokenization import collate_sft, encode_pairs, sft_rows
 
@@ -435,7 +456,7 @@ def _packed_sft_logits(model, tok):
     encoded, _ = encode_pairs(tok, pairs, 128, "error")
     rows = sft_rows(encoded, 128, packing=True)
     assert len(rows) == 1 and len(rows[0]["seq_lens"]) == 2
-    packed = collate_sft(rows, tok.pad_token_id)
+    packed = collate_sft(rows, tok.pad_token_id, attn_implementation=model.config._attn_implementation)
     with torch.no_grad():
         out = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
                     position_ids=packed["position_ids"]).logits[0]
@@ -457,6 +478,10 @@ def test_packed_sft_rows_give_unpacked_logits(family_dirs, family, attn):
             load_model(ModelConfig(name_or_path=family_dirs[family], attn_implementation=attn))
         return
     model = AutoModelForCausalLM.from_pretrained(family_dirs[family], attn_implementation=attn).eval()
+    if sliding_window(model) is not None:  # e.g. Gemma 2: one mask per row would replace the window
+        with pytest.raises(ConfigError, match="data.packing: .* sliding-window attention"):
+            check_packing_window(model, DataConfig(max_length=128))
+        return
     for got, alone in _packed_sft_logits(model, tokenizer_of(family_dirs[family])):
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
 
@@ -466,7 +491,8 @@ def test_packed_sft_rows_give_unpacked_logits(family_dirs, family, attn):
 def test_packed_rm_rows_give_padded_scores(runs, family, attn):
     from transformers import AutoModelForSequenceClassification
 
-    from alignkit.rm import RewardForward, RewardSettings, build_elements, collate_elements, pack_elements
+    from alignkit.rm import RewardForward
+    from alignkit.rm_data import RewardSettings, build_elements, collate_elements, pack_elements
 
     runs.rm(family)
     final = os.path.join(runs.path(family, "rm"), "final")
@@ -475,17 +501,21 @@ def test_packed_rm_rows_give_padded_scores(runs, family, attn):
             load_model(ModelConfig(name_or_path=final, attn_implementation=attn), task="reward")
         return
     model = AutoModelForSequenceClassification.from_pretrained(final, attn_implementation=attn).eval()
+    if sliding_window(model) is not None:
+        with pytest.raises(ConfigError, match="data.packing: .* sliding-window attention"):
+            check_packing_window(model, DataConfig(max_length=128))
+        return
     tok = tokenizer_of(final)
     examples = load_examples(["builtin:rankings:train:3"])
     elements, _ = build_elements(examples, RewardSettings(), tok, 128, "error")
     pad = model.config.pad_token_id
     with torch.no_grad():
         padded = collate_elements(elements, pad, 1)
-        expected = RewardForward(model)(padded["input_ids"], padded["attention_mask"])
-        packed = pack_elements(elements, pad, 1, 128)
+        expected = RewardForward(model, pad)(padded["input_ids"], padded["attention_mask"])
+        packed = pack_elements(elements, pad, 1, 128, attn_implementation=attn)
         assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # answers share rows
-        got = RewardForward(model)(packed["input_ids"], packed["attention_mask"], packed["position_ids"],
-                                   packed["read_index"])
+        got = RewardForward(model, pad)(packed["input_ids"], packed["attention_mask"], packed["position_ids"],
+                                        packed["read_index"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -544,6 +574,6 @@ def test_resumed_rm_equals_uninterrupted(family_dirs, family, accumulation, tmp_
             "train.max_steps=2", "train.per_device_batch_size=3",
             f"train.gradient_accumulation_steps={accumulation}", "train.learning_rate=3e-3",
             "train.lr_scheduler=constant", "rm.normalize_on=[builtin:sft:train:4]", f"output_dir={tmp_path}",
-            *COMMON, *extra]))
+            f"data.packing={str(window_of(family_dirs[family]) is None).lower()}", *COMMON, *extra]))
 
     _assert_resume_matches(run, str(tmp_path))

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from alignkit import engine
 from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig, check_packing
 from alignkit.dpo import AnswerEncoder
-from alignkit.modeling import ModelLoadError, backbone_and_head, count_parameters, load_model, load_tokenizer
+from alignkit.modeling import (
+    ModelLoadError,
+    backbone_and_head,
+    check_packing_window,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+)
 from alignkit.rewards import score_sequences
 from alignkit.rm import RewardForward, save_reward_model
 from alignkit.rm_data import OVERALL, RMElement, aggregate, pack_elements
@@ -254,6 +261,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
 
     n_out = 2 + len(s.categories)
     model = load_model(cfg.model, task="reward", num_labels=n_out, pad_token_id=tokenizer.pad_token_id)
+    check_packing_window(model, cfg.data)
     model.config.use_cache = False  # no KV cache while training
     engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)

@@ -49,6 +49,7 @@ from alignkit.losses import (
 )
 from alignkit.adapters import adapters_off
 from alignkit.modeling import (
+    check_packing_window,
     check_reference_vocab,
     count_parameters,
     is_peft,
@@ -537,6 +538,7 @@ def _train(cfg, stage: str) -> dict:
         weights = (settings.desirable_weight or default[0], settings.undesirable_weight or default[1])
 
     model = load_model(cfg.model, task="causal-lm")
+    check_packing_window(model, cfg.data)
     model.config.use_cache = False  # no KV cache while training
     engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)

@@ -371,6 +371,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, models: dict, optim
     sharded = {n: m for n, m in models.items() if sharding.is_sharded(m)}
     if sharded:
         sharding.save_checkpoint(tmp, sharded, {n: o for n, o in optimizers.items() if n in sharded})
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, model in models.items():
             if name not in sharded:
@@ -448,8 +450,27 @@ def load_checkpoint(accelerator, path: str, models: dict, optimizers: dict, sche
             sd = json.load(f)
         sd.pop("lr_lambdas", None)
         sched.load_state_dict({**sched.state_dict(), **sd})
+    rng = os.path.join(path, f"rng-{accelerator.process_index}.pt")
+    if os.path.exists(rng):  # a run resumed on as many processes draws the same dropout masks
+        set_rng_state(torch.load(rng, weights_only=True))
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
+
+
+def rng_state() -> dict:
+    """This process's random number generators (torch, CUDA, Python, NumPy), as plain tensors and numbers."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def write_json(path: str, obj: dict) -> None:

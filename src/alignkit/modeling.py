@@ -4,6 +4,7 @@ the same ``from_pretrained`` path; LoRA via peft; 8-/4-bit via bitsandbytes."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -360,6 +361,21 @@ def check_reference_vocab(policy_tok, policy_model, ref_path: str, cfg: ModelCon
         raise ModelLoadError(f"{what} {ref_path}: its tokenizer's vocabulary differs from the policy's "
                              f"({len(ref_tok)} vs {len(policy_tok)} tokens); the reference must share the policy's "
                              "tokenizer")
+
+
+def check_packing_window(model, data) -> None:
+    """Packing hands the attention one 4D mask per row, which replaces a sliding-window model's own window
+    mask: with rows longer than the window, packed examples would attend further back than the model does."""
+    if not data.packing:
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < data.max_length:
+        from alignkit.config import ConfigError
+
+        raise ConfigError(f"data.packing: {type(model).__name__} uses sliding-window attention (window {window}) "
+                          f"shorter than data.max_length={data.max_length}; a packed row's mask would replace the "
+                          "window. Set data.packing=false, or data.max_length <= the window")
 
 
 # ----------------------------------------------------------------------------- score heads on a decoder

@@ -254,24 +254,15 @@ def default_info(num_labels: int) -> dict:
 
 
 def load_reward_tokenizer(path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer saved with a reward model (an adapter saved without one: its base's), made ready to
-    score: pad = EOS when it has no pad token, alignkit's default chat template when it has none."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved with a reward model (an adapter saved without one: its base's), loaded and checked
+    like every tokenizer (``modeling.load_tokenizer``: pad = EOS when it has none, default chat template)."""
+    from alignkit.config import ModelConfig
+    from alignkit.modeling import load_tokenizer
 
-    from alignkit.modeling import DEFAULT_CHAT_TEMPLATE
-
-    tok_path = resolve_path(tokenizer_path) if tokenizer_path else path
+    tok_path = tokenizer_path or path
     if not tokenizer_path and is_adapter_dir(path) and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
         tok_path = adapter_base(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"reward model {path}: cannot load its tokenizer ({e})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return tokenizer
+    return load_tokenizer(ModelConfig(name_or_path=tok_path, trust_remote_code=trust_remote_code))
 
 
 def load_reward_model(path: str, dtype: str = "float32", device=None, tokenizer_path: str | None = None,

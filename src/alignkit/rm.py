@@ -37,6 +37,7 @@ from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, che
 from alignkit.losses import centering_loss, pairwise_ranking_loss, plackett_luce_loss
 from alignkit.modeling import (
     backbone_and_head,
+    check_packing_window,
     count_parameters,
     export_merged,
     head_outputs,
@@ -48,7 +49,7 @@ from alignkit.plots import plot_distributions
 from alignkit.rewards import reward_scores, score_sequences
 from alignkit.rm_data import RewardSettings, collate_elements, pack_elements, prepare_rm_data, reference_sequences
 from alignkit.rm_eval import evaluate
-from alignkit.sft import EpochSampler
+from alignkit.sft import make_loader
 
 
 @dataclass
@@ -143,6 +144,7 @@ def train_rm(cfg: RMConfig) -> dict:
 
     aspects, A = list(cfg.rm.aspects), len(cfg.rm.aspects)
     model = load_model(cfg.model, task="reward", num_labels=A, pad_token_id=tokenizer.pad_token_id)
+    check_packing_window(model, cfg.data)
     model.config.use_cache = False  # no KV cache while training
     engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)
@@ -158,8 +160,7 @@ def train_rm(cfg: RMConfig) -> dict:
         return collate_elements(elements, pad_id, A)
 
     bs, accum = cfg.train.per_device_batch_size, cfg.train.gradient_accumulation_steps
-    train_loader = torch.utils.data.DataLoader(train_elements, batch_size=bs, collate_fn=collate,
-                                               sampler=EpochSampler(len(train_elements), cfg.train.seed))
+    train_loader = make_loader(train_elements, bs, collate, cfg.train.seed)
     _, total_steps = engine.plan_steps(len(train_elements), accelerator, cfg.train)
     optimizer, scheduler = engine.make_optimizer(model, cfg.train, total_steps)
     forward, optimizer, train_loader = engine.prepare(accelerator, RewardForward(model, pad_id), optimizer,

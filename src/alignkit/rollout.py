@@ -105,15 +105,20 @@ def plain_sampling(model):
         hf.generation_config = saved
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """What ends a response: EOS, the chat template's end of turn, and the model's own generation eos ids."""
+    return stop_token_ids(tokenizer, unwrap(model).generation_config)
+
+
 @torch.no_grad()
 def sample(model, b_query, b_query_mask, tokenizer, response_length: int, temperature: float):
     """Sample (B, response_length) tokens from ``softmax(logits / temperature)`` with the KV cache,
-    from left-padded prompts; generation stops at any of ``stop_token_ids(tokenizer)``."""
+    from left-padded prompts; generation stops at any of :func:`stop_ids`."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                            max_new_tokens=response_length, min_new_tokens=0,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer),
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(model, tokenizer),
                            use_cache=True)
     with plain_sampling(model):
         out = model.generate(input_ids=b_query, attention_mask=b_query_mask, generation_config=gen)
@@ -204,7 +209,7 @@ def rollout(policy, reference, reward, prompts: list[Prompt], tokenizer, respons
     P = b_query.shape[1]
     responses = [sample(policy, b_query[i:i + chunk], b_query_mask[i:i + chunk], tokenizer, response_length,
                         temperature) for i in range(0, len(prompts), chunk)]
-    b_response, b_response_mask, b_ended = truncate_after_eos(torch.cat(responses), stop_token_ids(tokenizer),
+    b_response, b_response_mask, b_ended = truncate_after_eos(torch.cat(responses), stop_ids(policy, tokenizer),
                                                               tokenizer.pad_token_id)
     # Drop the columns after the longest response: they are masked in every row, so they change
     # nothing, but every later pass (log-probs, values, PPO epochs) would pay for them.

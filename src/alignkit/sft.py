@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from alignkit import engine
 from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, check_packing
-from alignkit.modeling import count_parameters, load_model, load_tokenizer
+from alignkit.modeling import check_packing_window, count_parameters, load_model, load_tokenizer
 from alignkit.schema import DataError, demonstrations, load_examples, select_rows
 from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
 
@@ -70,8 +70,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def make_loader(rows, batch_size, collate, seed, shuffle=True):
+    """Batches in a seeded order per epoch. The loader draws its iterators' seeds from its own generator,
+    not the global one, so a resumed run's dropout masks (global RNG, restored from the checkpoint) match."""
     return torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=EpochSampler(len(rows), seed, shuffle),
-                                       collate_fn=collate)
+                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed))
 
 
 def prepare_sft_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
@@ -148,6 +150,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     row_accounts = data_stats.pop("rows")
 
     model = load_model(cfg.model, task="causal-lm")
+    check_packing_window(model, cfg.data)
     model.config.use_cache = False  # no KV cache while training
     engine.use_fp32_attention_on_cpu(model, accelerator)
     trainable, total = count_parameters(model)

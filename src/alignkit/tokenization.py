@@ -163,11 +163,6 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [answer_end_id(tokenizer)]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end a generated answer."""
-    return [tokenizer.eos_token_id]
-
-
 @dataclass
 class Encoded:
     prompt_ids: list[int]
