@@ -72,7 +72,8 @@ def test_report_of_several_policies_with_a_judge_hand_computed():
         return {"gold": torch.tensor(gold), "kl": torch.tensor([0.0, 1.0]), "length": torch.tensor([4.0, 6.0]),
                 "eos": torch.tensor([1.0, 1.0]), "judged_good": torch.tensor(good), "judged_categories": cats}
 
-    rep = summarize({"sft": rec([0.0, 2.0], [1.0, 0.0], [None, "insult"]), "rloo": rec([1.0, 2.0], [1.0, 1.0], [None, None]),
+    rep = summarize({"sft": rec([0.0, 2.0], [1.0, 0.0], [None, "insult"]),
+                     "rloo": rec([1.0, 2.0], [1.0, 1.0], [None, None]),
                      "dpo": rec([-1.0, 0.0], [0.0, 0.0], ["insult", "spam"])})
     assert rep["rloo"]["gold_gain"] == pytest.approx(0.5) and rep["dpo"]["gold_gain"] == pytest.approx(-1.5)
     assert rep["rloo"]["gold_gain_in_sft_std"] == pytest.approx(0.5 / 2 ** 0.5, rel=1e-5)

@@ -80,7 +80,8 @@ def test_grpo_with_kl_in_loss_leaves_the_kl_out_of_the_reward():
 def test_reinforce_pp_whitens_the_kl_penalised_returns():
     ppo = PPOSettings(advantage="reinforce_pp", rollout_batch_size=4, num_minibatches=1)
     advantages, returns, _ = compute_advantages(ppo, SCORES, KL, 0.2, MASK)
-    # Per-token rewards: -0.1 on each token + the score on the last one: [-0.1, 0.9], [2.9, 0], [-0.1, -0.1], [-0.1, 3.9]
+    # Per-token rewards: -0.1 on each token + the score on the last one:
+    # [-0.1, 0.9], [2.9, 0], [-0.1, -0.1], [-0.1, 3.9]
     rewards = torch.tensor([[-0.1, 0.9], [2.9, 0.0], [-0.1, -0.1], [-0.1, 3.9]])
     torch.testing.assert_close(advantages, reinforce_pp_advantages(rewards, MASK))
     assert returns is None

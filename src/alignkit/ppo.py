@@ -296,9 +296,10 @@ def compute_advantages(ppo: PPOSettings, b_scores, b_kl, kl_coef: float, respons
     """Phase 4: per-token rewards, then the configured estimator -> (advantages, returns, non_score_reward).
 
     Shapes: b_scores (B,), b_kl / response_mask / b_values (B, T). The reward is -kl_coef * KL on each
-    token plus the score on the last (the KL part left out with ppo.kl_in_loss, but still returned). gae: GAE on the value model's
-    values, whitened; rloo / grpo: one advantage per response from its summed reward, given to each
-    of its tokens; reinforce_pp: whitened returns. ``returns`` is None without a critic.
+    token plus the score on the last (with ppo.kl_in_loss the KL part is left out of it, but still
+    returned as non_score_reward). gae: GAE on the value model's values, whitened; rloo / grpo: one
+    advantage per response from its summed reward, given to each of its tokens; reinforce_pp:
+    whitened returns. ``returns`` is None without a critic.
     """
     b_rewards, b_non_score = per_token_rewards(b_scores, b_kl, kl_coef, response_mask)
     if ppo.kl_in_loss:  # the KL penalty is logged (non_score_reward) but left out of the reward
@@ -444,7 +445,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     ptx_batches = demonstration_batches(ptx, micro_size, tokenizer.pad_token_id, cfg.train.seed) if ptx else None
     start, last_log, update_seconds = time.time(), {}, []
     while update < total_updates:
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()  # CPU seconds too: steadier than wall time on a shared machine
         # Same sampling noise whether the run was resumed or not.
         torch.manual_seed(cfg.train.seed + 1000 * update + rank)
         batch_prompts, data_epoch = prompt_batch(train_prompts, update, prompts_per_update, rank, world,
@@ -537,7 +538,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
         if update % cfg.train.log_every == 0 or update == total_updates or update == 1:
             last_log = {**m, "train/kl_coef": kl_ctl.kl_coef, "train/lr": scheduler.get_last_lr()[0],
                         "train/epoch": data_epoch, "time/rollout_seconds": t_rollout,
-                        "time/update_seconds": update_seconds[-1]}
+                        "time/update_seconds": update_seconds[-1],
+                        "time/update_cpu_seconds": time.process_time() - cpu0}
             logger.log(last_log, step=update)
             bar.set_postfix(score=f"{m['objective/score']:.3f}", kl=f"{m['objective/kl']:.2f}")
         if eval_prompts and cfg.train.eval_every and update % cfg.train.eval_every == 0 and update < total_updates:
