@@ -98,20 +98,20 @@ def test_masked_tokens_change_nothing_in_the_ppo_loss():
     from alignkit.ppo import PPOSettings
 
     policy, value = _tiny_policy_and_value()
-    ppo = PPOSettings(temperature=0.7)
+    ppo = PPOSettings(temperature=0.7, kl_in_loss=True)  # the KL loss term must ignore padding too
     q, qm = left_pad([[4, 10, 11, 12, 6], [4, 13, 6]], pad_id=0)
     resp = torch.tensor([[20, 21, 2, 0, 0], [22, 23, 24, 25, 2]])
     resp, rmask, _ = truncate_after_eos(resp, 2, pad_id=0)
     ids, att, pos = sequence_inputs(q, qm, resp, rmask)
     g = torch.Generator().manual_seed(1)
-    stats = {k: torch.randn(2, 5, generator=g) for k in ("logprobs", "values", "advantages", "returns")}
-    stats["logprobs"] = -stats["logprobs"].abs()
+    stats = {k: torch.randn(2, 5, generator=g) for k in ("logprobs", "ref_logprobs", "values", "advantages", "returns")}
+    stats["logprobs"], stats["ref_logprobs"] = -stats["logprobs"].abs(), -stats["ref_logprobs"].abs()
 
     def loss_and_grads(input_ids, rollout):
         policy.zero_grad()
         value.zero_grad()
         mb = Minibatch(input_ids=input_ids, attention_mask=att, position_ids=pos, response_mask=rmask, **rollout)
-        loss, _ = ppo_minibatch_loss(policy, value, mb, q.shape[1], ppo)
+        loss, _ = ppo_minibatch_loss(policy, value, mb, q.shape[1], ppo, kl_coef=0.1)
         loss.backward()
         grads = [p.grad.clone() for p in list(policy.parameters()) + list(value.parameters()) if p.grad is not None]
         return loss.detach(), grads

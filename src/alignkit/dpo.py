@@ -125,11 +125,16 @@ class KTOSettings(PreferenceData):
     desirable_weight: Optional[float] = None
     undesirable_weight: Optional[float] = None
     reference: Optional[str] = None
+    # Weight of an SFT term on each desirable answer (mean NLL per token), as dpo.sft_coef: KTO alone
+    # pushes undesirable answers down faster than it lifts desirable ones, and a small model loses its grammar.
+    sft_coef: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if self.beta <= 0:
             raise ConfigError("kto.beta: must be > 0")
+        if self.sft_coef < 0:
+            raise ConfigError("kto.sft_coef: must be >= 0")
         for key in ("desirable_weight", "undesirable_weight"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"kto.{key}: must be > 0")
@@ -464,6 +469,9 @@ def kto_terms(logps, batch, desirable, s: KTOSettings, weights, accelerator) -> 
     if accelerator is not None:
         z0 = accelerator.reduce(z0.clone(), "mean").clamp(min=0)
     losses = kto_loss(pol, ref_pol, desirable, z0, s.beta, *weights)
+    if s.sft_coef:
+        nll = -pol / batch["answer_lengths"][0::2].clamp(min=1)
+        losses = losses + s.sft_coef * torch.where(desirable, nll, torch.zeros_like(nll))
     rewards = dpo_rewards(pol, ref_pol, s.beta)
     d = desirable.float()
     stats = {"count": float(len(losses)), "kl": z0 * len(losses), "desirable": d.sum(),

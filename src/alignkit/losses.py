@@ -199,6 +199,19 @@ def sequence_kl(logprobs, ref_logprobs, response_mask, estimator="k1"):
     return torch.where(response_mask.bool(), kl, torch.zeros_like(kl)).sum(-1)
 
 
+def kl_loss(logprobs, ref_logprobs, mask):
+    """KL to the reference as a loss term (GRPO: Shao et al. 2024, "DeepSeekMath", eq. 4). (B, T) x3 -> scalar.
+
+    Masked mean of the per-token k3 estimate exp(ref - logp) - (ref - logp) - 1 (>= 0). k3, not
+    k1: k1 = logp - ref differentiated through logp alone has expected gradient E[grad log p] = 0
+    under the sampling policy, so it would not pull the policy towards the reference. Padding is
+    zeroed before exp() so garbage there cannot give inf * 0 = NaN gradients.
+    """
+    mask = mask.bool()
+    log_ratio = torch.where(mask, logprobs - ref_logprobs, torch.zeros_like(logprobs))
+    return masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+
+
 def per_token_rewards(scores, kl, kl_coef, response_mask):
     """Reward for each response token: `-kl_coef * kl_t`, plus the score on the last real token.
 

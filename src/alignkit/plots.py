@@ -44,7 +44,7 @@ def plot_distributions(dists: dict, path: str) -> str | None:
 
 
 PLOTTED = ["objective/score", "objective/gold_reward", "objective/kl", "train/kl_coef", "objective/non_score_reward",
-           "policy/entropy", "policy/clipfrac", "policy/approx_kl", "loss/value", "value/explained_variance",
+           "policy/entropy", "policy/clipfrac", "policy/approx_kl", "loss/value", "loss/kl", "value/explained_variance",
            "rollout/response_length", "rollout/eos_share"]
 
 
@@ -79,43 +79,65 @@ def plot_metrics(output_dir: str) -> str | None:
     return path
 
 
-def plot_report(records: dict, rep: dict, path: str, ppo_dir: str) -> str:
+COLORS = {"sft": "tab:gray", "ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green", "dpo": "tab:red",
+          "kto": "tab:purple"}
+
+
+def plot_report(records: dict, rep: dict, path: str, run_dirs: dict) -> str:
+    """The pipeline report: gold and learned reward histograms of SFT and each optimised policy,
+    KL / length / EOS / judged-good bars side by side, and held-out gold during online training.
+
+    records, rep: ``pipeline.compare_policies`` / ``pipeline.summarize``; run_dirs: {policy: its output_dir}.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    names = list(records)  # "sft" first
+    color = {n: COLORS.get(n, f"C{i}") for i, n in enumerate(names)}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax = axes[0, 0]
-    bins = torch.linspace(min(records["sft"]["gold"].min(), records["ppo"]["gold"].min()).item(),
-                          max(records["sft"]["gold"].max(), records["ppo"]["gold"].max()).item(), 30).tolist()
-    for name, color in (("sft", "tab:gray"), ("ppo", "tab:blue")):
-        ax.hist(records[name]["gold"].tolist(), bins=bins, alpha=0.6, color=color,
-                label=f"{name.upper()} mean {rep[name]['gold_reward']:.2f}")
-    ax.set_title(f"Gold reward on held-out prompts (PPO wins {rep['ppo_win_rate_vs_sft']:.0%})")
-    ax.legend()
+    lo = min(records[n]["gold"].min().item() for n in names)
+    hi = max(records[n]["gold"].max().item() for n in names)
+    bins = torch.linspace(lo, hi if hi > lo else lo + 1, 30).tolist()
+    for n in names:
+        wins = f", wins {rep[n]['win_rate_vs_sft']:.0%}" if "win_rate_vs_sft" in rep[n] else ""
+        ax.hist(records[n]["gold"].tolist(), bins=bins, histtype="step", lw=1.6, color=color[n],
+                label=f"{n.upper()} mean {rep[n]['gold_reward']:.2f}{wins}")
+    ax.set_title("Gold reward on held-out prompts (win rate vs SFT)")
+    ax.legend(fontsize=8)
     ax = axes[0, 1]
     if "learned" in records["sft"]:
-        for name, color in (("sft", "tab:gray"), ("ppo", "tab:blue")):
-            ax.hist(records[name]["learned"].tolist(), bins=30, alpha=0.6, color=color, label=name.upper())
+        for n in names:
+            ax.hist(records[n]["learned"].tolist(), bins=30, histtype="step", lw=1.6, color=color[n],
+                    label=f"{n.upper()} mean {rep[n]['learned_reward']:.2f}")
         ax.set_title("Learned (reward model) reward")
-        ax.legend()
+        ax.legend(fontsize=8)
+    else:
+        ax.axis("off")
     ax = axes[1, 0]
-    names = ["KL to SFT (nats)", "response length", "EOS share"]
-    x = torch.arange(len(names)).float()
-    ax.bar((x - 0.2).tolist(), [rep["sft"]["kl_to_sft"], rep["sft"]["response_length"], rep["sft"]["eos_share"]],
-           width=0.4, color="tab:gray", label="SFT")
-    ax.bar((x + 0.2).tolist(), [rep["ppo"]["kl_to_sft"], rep["ppo"]["response_length"], rep["ppo"]["eos_share"]],
-           width=0.4, color="tab:blue", label="PPO")
-    ax.set_xticks(x.tolist(), names)
-    ax.legend()
+    bars = [("kl_to_sft", "KL to SFT (nats)", 1.0), ("response_length", "length / 10", 0.1),
+            ("eos_share", "EOS share", 1.0)]
+    if "judged_good_share" in rep["sft"]:
+        bars.append(("judged_good_share", "judged good (evaluator)", 1.0))
+    x = torch.arange(len(bars)).float()
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar((x - 0.4 + width * (i + 0.5)).tolist(), [rep[n][k] * f for k, _, f in bars], width=width,
+               color=color[n], label=n.upper())
+    ax.set_xticks(x.tolist(), [label for _, label, _ in bars])
+    ax.legend(fontsize=8)
     ax = axes[1, 1]
-    rows = [m for m in read_metrics(ppo_dir) if "eval/gold_reward" in m]
-    if rows:
-        ax.plot([m["step"] for m in rows], [m["eval/gold_reward"] for m in rows], "o-", label="held-out gold reward")
-        if "eval/kl" in rows[0]:
-            ax2 = ax.twinx()
-            ax2.plot([m["step"] for m in rows], [m["eval/kl"] for m in rows], "s--", color="tab:red", label="KL")
-            ax2.set_ylabel("KL to reference (nats)")
-        ax.set_xlabel("PPO update")
-        ax.set_title("PPO training")
-        ax.legend(loc="lower right")
+    plotted = False
+    for n, run_dir in run_dirs.items():
+        rows = [m for m in read_metrics(run_dir) if "eval/gold_reward" in m]
+        if rows:
+            ax.plot([m["step"] for m in rows], [m["eval/gold_reward"] for m in rows], "o-", color=color[n],
+                    label=n.upper())
+            plotted = True
+    if plotted:
+        ax.set_xlabel("update")
+        ax.set_title("Held-out gold reward during online training")
+        ax.legend(fontsize=8)
+    else:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -13,8 +13,17 @@ policy, reference, value -> one loop per PPO update with five named phases:
     # 1. generate          sample responses from left-padded prompts, cut after the first EOS
     # 2. score             reward on prompt + truncated response text (missing-EOS penalty)
     # 3. log-probs/values  policy, reference (same temperature) and value per response token
-    # 4. rewards + GAE     -kl_coef * KL per token + score on the last token; GAE; whitening
-    # 5. PPO epochs        clipped policy + value loss over shuffled minibatches
+    # 4. advantages        -kl_coef * KL per token + score on the last token; GAE (or critic-free)
+    # 5. PPO epochs        clipped policy (+ value) loss over shuffled minibatches
+
+Critic-free: ``ppo.advantage: rloo | grpo | reinforce_pp`` replaces GAE in phase 4 by a
+baseline from the other samples of the same prompt (``ppo.samples_per_prompt`` k, kept side
+by side) or from the whole batch; no value model is loaded then (no 3b, no value loss).
+``ppo.kl_in_loss`` moves the KL from the reward into the loss (GRPO). Same loop, same
+metrics, checkpoints and report:
+
+    alignkit ppo --config configs/ppo/tiny_rloo.yaml
+    alignkit ppo --config configs/ppo/tiny_grpo.yaml
 
 Names: ``b_`` tensors hold the whole rollout batch of this process, ``mb_`` a minibatch
 (or micro-batch). Maths come from :mod:`alignkit.losses`; references in RLHF.md
@@ -50,11 +59,15 @@ from alignkit.losses import (
     entropy_from_logits,
     explained_variance,
     gae_advantages,
+    grpo_advantages,
+    kl_loss,
     kl_penalty,
     masked_mean,
     masked_whiten,
     per_token_rewards,
     policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     sequence_kl,
     value_loss,
 )
@@ -77,9 +90,13 @@ from alignkit.tokenization import encode_pairs, sft_rows
 from alignkit.value import load_value_model
 
 
+ADVANTAGES = ("gae", "rloo", "grpo", "reinforce_pp")
+
+
 @dataclass
 class PPOSettings:
-    # Prompts per process per PPO update (the rollout batch).
+    # Responses per process per PPO update (the rollout batch): rollout_batch_size / samples_per_prompt
+    # prompts, each sampled samples_per_prompt times.
     rollout_batch_size: int = 64
     # Optimizer steps per PPO epoch: the rollout batch is cut into this many shuffled minibatches.
     num_minibatches: int = 2
@@ -129,8 +146,28 @@ class PPOSettings:
     ptx_files: List[str] = field(default_factory=list)
     # Held-out prompts sampled for evaluation (before, every train.eval_every updates, at the end).
     eval_samples: int = 128
+    # Advantage estimator. gae: PPO with a value model (Schulman et al. 2015). Critic-free, no value
+    # model in memory: rloo (REINFORCE leave-one-out, Ahmadian et al. 2024), grpo (group mean and std,
+    # Shao et al. 2024), reinforce_pp (batch-whitened returns, Hu 2025).
+    advantage: str = "gae"
+    # k: each prompt of the rollout batch is sampled k times (samples side by side); rloo and grpo
+    # take their baseline from the other k - 1 samples, so they need k >= 2.
+    samples_per_prompt: int = 1
+    # GRPO's KL: k3 KL to the reference added to the loss with coefficient beta (kl_coef, adaptive or
+    # not) instead of -beta * KL in the reward.
+    kl_in_loss: bool = False
 
     def __post_init__(self):
+        if self.advantage not in ADVANTAGES:
+            raise ConfigError(f"ppo.advantage: must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"ppo.samples_per_prompt: must be >= 1, got {self.samples_per_prompt}")
+        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage={self.advantage} needs ppo.samples_per_prompt >= 2 (its baseline is "
+                              f"the other samples of the same prompt), got {self.samples_per_prompt}")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ConfigError(f"ppo.rollout_batch_size={self.rollout_batch_size} responses are not a whole number of "
+                              f"prompts of ppo.samples_per_prompt={self.samples_per_prompt} samples")
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"ppo.kl_estimator: must be k1 or k3, got {self.kl_estimator!r}")
         if self.rollout_batch_size < 1 or self.num_minibatches < 1 or self.ppo_epochs < 1:
@@ -187,6 +224,10 @@ class PPOConfig:
         if self.ppo.shared_base and not self.model.lora.enabled:
             raise ConfigError("ppo.shared_base: needs model.lora.enabled=true (adapters on one frozen base)")
 
+    @property
+    def uses_critic(self) -> bool:
+        return self.ppo.advantage == "gae"
+
 
 # ----------------------------------------------------------------------------- training
 
@@ -203,42 +244,81 @@ class Minibatch:
     position_ids: torch.Tensor
     response_mask: torch.Tensor
     logprobs: torch.Tensor  # rollout policy log-probs (the ratio's denominator)
-    values: torch.Tensor  # rollout values (the value clip's centre)
+    ref_logprobs: torch.Tensor  # reference log-probs (ppo.kl_in_loss)
     advantages: torch.Tensor
-    returns: torch.Tensor
+    values: Optional[torch.Tensor] = None  # rollout values (the value clip's centre); None without a critic
+    returns: Optional[torch.Tensor] = None
 
     def select(self, idx: torch.Tensor) -> "Minibatch":
-        return Minibatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+        return Minibatch(*(None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                           for f in dataclasses.fields(self)))
 
 
 class StepStats(NamedTuple):
-    """Statistics of one PPO minibatch step (logged averaged over the update)."""
+    """Statistics of one PPO minibatch step (logged averaged over the update); None: not computed."""
 
     policy_loss: torch.Tensor
-    value_loss: torch.Tensor
     clipfrac: torch.Tensor
     approx_kl: torch.Tensor
-    value_clipfrac: torch.Tensor
     entropy: torch.Tensor
+    value_loss: Optional[torch.Tensor] = None
+    value_clipfrac: Optional[torch.Tensor] = None
+    kl_loss: Optional[torch.Tensor] = None
 
     def metrics(self) -> dict:
-        return {"loss/policy": self.policy_loss, "loss/value": self.value_loss, "policy/clipfrac": self.clipfrac,
-                "policy/approx_kl": self.approx_kl, "value/clipfrac": self.value_clipfrac,
-                "policy/entropy": self.entropy}
+        named = {"loss/policy": self.policy_loss, "policy/clipfrac": self.clipfrac, "policy/approx_kl": self.approx_kl,
+                 "policy/entropy": self.entropy, "loss/value": self.value_loss, "value/clipfrac": self.value_clipfrac,
+                 "loss/kl": self.kl_loss}
+        return {k: v for k, v in named.items() if v is not None}
 
 
-def ppo_minibatch_loss(policy, value_model, mb: Minibatch, context_length: int, ppo: PPOSettings):
-    """Clipped policy loss + vf_coef * clipped value loss on one minibatch -> (loss, StepStats)."""
+def ppo_minibatch_loss(policy, value_model, mb: Minibatch, context_length: int, ppo: PPOSettings, kl_coef: float):
+    """Clipped policy loss [+ vf_coef * clipped value loss] [+ kl_coef * k3 KL] on one minibatch -> (loss, StepStats).
+
+    ``value_model`` is None for the critic-free estimators.
+    """
     logits, new_logprobs = forward_response(policy, mb.input_ids, mb.attention_mask, mb.position_ids,
                                             context_length, ppo.temperature)
-    new_values = value_model(mb.input_ids, mb.attention_mask, mb.position_ids)[:, context_length - 1:-1]
     pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
                                                   ppo.clip_range)
-    vf_loss, vf_clipfrac = value_loss(new_values, mb.values, mb.returns, mb.response_mask, ppo.clip_range_value)
     with torch.no_grad():
         entropy = masked_mean(entropy_from_logits(logits.float() / ppo.temperature), mb.response_mask)
-    loss = pg_loss + ppo.vf_coef * vf_loss
-    return loss, StepStats(pg_loss.detach(), vf_loss.detach(), pg_clipfrac, approx_kl, vf_clipfrac, entropy)
+    loss, stats = pg_loss, StepStats(pg_loss.detach(), pg_clipfrac, approx_kl, entropy)
+    if value_model is not None:
+        new_values = value_model(mb.input_ids, mb.attention_mask, mb.position_ids)[:, context_length - 1:-1]
+        vf_loss, vf_clipfrac = value_loss(new_values, mb.values, mb.returns, mb.response_mask, ppo.clip_range_value)
+        loss = loss + ppo.vf_coef * vf_loss
+        stats = stats._replace(value_loss=vf_loss.detach(), value_clipfrac=vf_clipfrac)
+    if ppo.kl_in_loss:  # GRPO: beta * k3 KL to the reference in the loss, not in the reward
+        kl_term = kl_loss(new_logprobs, mb.ref_logprobs, mb.response_mask)
+        loss = loss + kl_coef * kl_term
+        stats = stats._replace(kl_loss=kl_term.detach())
+    return loss, stats
+
+
+def compute_advantages(ppo: PPOSettings, b_scores, b_kl, kl_coef: float, response_mask, b_values=None):
+    """Phase 4: per-token rewards, then the configured estimator -> (advantages, returns, non_score_reward).
+
+    Shapes: b_scores (B,), b_kl / response_mask / b_values (B, T). The reward is -kl_coef * KL on each
+    token plus the score on the last (with ppo.kl_in_loss the KL part is left out of it, but still
+    returned as non_score_reward). gae: GAE on the value model's values, whitened; rloo / grpo: one
+    advantage per response from its summed reward, given to each of its tokens; reinforce_pp:
+    whitened returns. ``returns`` is None without a critic.
+    """
+    b_rewards, b_non_score = per_token_rewards(b_scores, b_kl, kl_coef, response_mask)
+    if ppo.kl_in_loss:  # the KL penalty is logged (non_score_reward) but left out of the reward
+        b_rewards = b_rewards - b_non_score
+    if ppo.whiten_rewards:
+        b_rewards = masked_whiten(b_rewards, response_mask, shift_mean=False)
+    if ppo.advantage == "gae":
+        b_advantages, b_returns = gae_advantages(b_rewards, b_values, response_mask, ppo.gamma, ppo.lam)
+        return masked_whiten(b_advantages, response_mask), b_returns, b_non_score
+    if ppo.advantage == "reinforce_pp":
+        return reinforce_pp_advantages(b_rewards, response_mask, ppo.gamma), None, b_non_score
+    estimator = rloo_advantages if ppo.advantage == "rloo" else grpo_advantages
+    per_response = estimator(b_rewards.sum(-1), ppo.samples_per_prompt)
+    mask = response_mask.bool()
+    return torch.where(mask, per_response[:, None], torch.zeros_like(b_rewards)), None, b_non_score
 
 
 def gold_available(cfg: PPOConfig) -> bool:
@@ -298,25 +378,32 @@ def train_ppo(cfg: PPOConfig) -> dict:
         reference.to(device)
         # Same autocast as the policy (accelerate wraps forward; no DDP), so the KL starts at exactly 0.
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
-    value_model, value_note = load_value_model(cfg, tokenizer, policy_path, reward, policy)
+    # Critic-free estimators: no value model at all (neither loaded nor trained nor saved).
+    value_model, value_note = (load_value_model(cfg, tokenizer, policy_path, reward, policy) if cfg.uses_critic
+                               else (None, f"none (ppo.advantage={ppo.advantage})"))
+    value_net = None if value_model is None or isinstance(value_model.model, AdapterHead) else value_model.model
     # bf16 autocast on CPU: attention in fp32, the fast kernel there (as SFT and RM do).
-    for m in (policy, reference, None if isinstance(value_model.model, AdapterHead) else value_model.model):
+    for m in (policy, reference, value_net):
         if m is not None:
             engine.use_fp32_attention_on_cpu(m, accelerator)
     memory_mode = ("shared_base" if ppo.shared_base else "lora" if cfg.model.lora.enabled else "full") + (
         "-8bit" if cfg.model.load_in_8bit else "-4bit" if cfg.model.load_in_4bit else "")
     trainable_policy, total_policy = count_parameters(policy)
-    trainable_value, _ = count_parameters(value_model)
+    trainable_value = count_parameters(value_model)[0] if value_model is not None else 0
 
-    # Schedule: one optimizer step per minibatch per PPO epoch.
+    # Schedule: one optimizer step per minibatch per PPO epoch; k samples of each prompt per update.
+    k_samples = ppo.samples_per_prompt
+    prompts_per_update = ppo.rollout_batch_size // k_samples
     if cfg.train.max_steps > 0:
         total_updates = cfg.train.max_steps
     else:
-        total_updates = max(1, math.ceil(cfg.train.num_epochs * len(train_prompts) / (ppo.rollout_batch_size * world)))
+        total_updates = max(1, math.ceil(cfg.train.num_epochs * len(train_prompts) / (prompts_per_update * world)))
     optimizer_steps = total_updates * ppo.ppo_epochs * ppo.num_minibatches
     # Shared base: the same frozen tensors appear under the policy and the value; keep each tensor once.
-    unique = list({id(p): (n, p) for n, p in [(f"policy.{n}", p) for n, p in policy.named_parameters()] +
-                   [(f"value.{n}", p) for n, p in value_model.named_parameters()]}.values())
+    named = [(f"policy.{n}", p) for n, p in policy.named_parameters()]
+    if value_model is not None:
+        named += [(f"value.{n}", p) for n, p in value_model.named_parameters()]
+    unique = list({id(p): (n, p) for n, p in named}.values())
     optimizer, scheduler = engine.make_optimizer(None, cfg.train, optimizer_steps, params=unique)
     train_params = [p for _, p in unique if p.requires_grad]  # what is clipped, averaged and compared
     # Shared base: the value and reward read the policy's module with other adapters switched on, which DDP
@@ -324,16 +411,19 @@ def train_ppo(cfg: PPOConfig) -> dict:
     hand_sync = ppo.shared_base and world > 1
     if hand_sync:  # autocast (mixed precision) without DDP
         policy = accelerator.prepare_model(policy, evaluation_mode=True)
-        value_model = accelerator.prepare_model(value_model, evaluation_mode=True)
+        if value_model is not None:
+            value_model = accelerator.prepare_model(value_model, evaluation_mode=True)
         optimizer = accelerator.prepare(optimizer)
-    else:
+    elif value_model is not None:
         policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    else:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
     raw_policy = accelerator.unwrap_model(policy)
+    trained = {"policy": policy} if value_model is None else {"policy": policy, "value": value_model}
     kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
               else FixedKLController(ppo.kl_coef))
 
-    update, state, logger = engine.start_run(accelerator, cfg, {"policy": policy, "value": value_model},
-                                             {"model": optimizer}, {"model": scheduler})
+    update, state, logger = engine.start_run(accelerator, cfg, trained, {"model": optimizer}, {"model": scheduler})
     if state:
         kl_ctl.kl_coef = state["kl_coef"]
     if hand_sync:
@@ -350,7 +440,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if eval_before is not None:
         logger.log(eval_before, step=0)
     accelerator.print(f"ppo: {len(train_prompts)} prompts, {total_updates} updates of {ppo.rollout_batch_size} x "
-                      f"{world} responses, value from {value_note}, memory mode {memory_mode}")
+                      f"{world} responses ({k_samples} per prompt), advantage {ppo.advantage}, value model "
+                      f"{value_note}, memory mode {memory_mode}")
 
     bar = engine.progress(accelerator, total_updates, initial=update, desc="ppo", enabled=cfg.log.progress)
     minibatch_size = ppo.rollout_batch_size // ppo.num_minibatches
@@ -359,13 +450,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
     ptx_batches = demonstration_batches(ptx, micro_size, tokenizer.pad_token_id, cfg.train.seed) if ptx else None
     start, last_log, update_seconds = time.time(), {}, []
     while update < total_updates:
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()  # CPU seconds too: steadier than wall time on a shared machine
         # Same sampling noise whether the run was resumed or not.
         torch.manual_seed(cfg.train.seed + 1000 * update + rank)
-        batch_prompts, data_epoch = prompt_batch(train_prompts, update, ppo.rollout_batch_size, rank, world,
+        batch_prompts, data_epoch = prompt_batch(train_prompts, update, prompts_per_update, rank, world,
                                                  cfg.train.seed)
+        batch_prompts = [p for p in batch_prompts for _ in range(k_samples)]  # a prompt's samples side by side
         raw_policy.eval()
-        value_model.eval()
 
         # 1. generate + 2. score + 3a. policy and reference log-probs (no grad)
         r = rollout(raw_policy, reference, reward, batch_prompts, tokenizer, ppo.response_length, ppo.temperature,
@@ -377,25 +468,25 @@ def train_ppo(cfg: PPOConfig) -> dict:
             b_scores = torch.where(r.ended, b_scores, b_scores + ppo.missing_eos_penalty)
         engine.check_finite(b_scores, "reward", update, cfg.output_dir)
 
-        # 3b. values of the rollout (no grad)
-        with torch.no_grad():
-            b_values = torch.cat([value_model(r.input_ids[i:i + chunk], r.attention_mask[i:i + chunk],
-                                              r.position_ids[i:i + chunk])[:, context_length - 1:-1]
-                                  for i in range(0, len(batch_prompts), chunk)])
+        # 3b. values of the rollout (no grad; GAE only)
+        b_values = None
+        if value_model is not None:
+            value_model.eval()
+            with torch.no_grad():
+                b_values = torch.cat([value_model(r.input_ids[i:i + chunk], r.attention_mask[i:i + chunk],
+                                                  r.position_ids[i:i + chunk])[:, context_length - 1:-1]
+                                      for i in range(0, len(batch_prompts), chunk)])
 
-        # 4. rewards + GAE
+        # 4. rewards + advantages (GAE, or a critic-free baseline)
         b_kl = kl_penalty(r.logprobs, r.ref_logprobs, ppo.kl_estimator)
-        b_rewards, b_non_score = per_token_rewards(b_scores, b_kl, kl_ctl.kl_coef, r.response_mask)
-        if ppo.whiten_rewards:
-            b_rewards = masked_whiten(b_rewards, r.response_mask, shift_mean=False)
-        b_advantages, b_returns = gae_advantages(b_rewards, b_values, r.response_mask, ppo.gamma, ppo.lam)
-        b_advantages = masked_whiten(b_advantages, r.response_mask)
+        b_advantages, b_returns, b_non_score = compute_advantages(ppo, b_scores, b_kl, kl_ctl.kl_coef,
+                                                                  r.response_mask, b_values)
 
         # 5. PPO epochs over shuffled minibatches
-        policy.train()
-        value_model.train()
-        b = Minibatch(r.input_ids, r.attention_mask, r.position_ids, r.response_mask, r.logprobs, b_values,
-                      b_advantages, b_returns)
+        for m in trained.values():
+            m.train()
+        b = Minibatch(r.input_ids, r.attention_mask, r.position_ids, r.response_mask, r.logprobs, r.ref_logprobs,
+                      b_advantages, b_values, b_returns)
         stats_sum: dict[str, torch.Tensor] = {}
         n_stats = 0
         for _ in range(ppo.ppo_epochs):
@@ -406,9 +497,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     mb = b.select(mb_order[k * micro_size:(k + 1) * micro_size].to(device))
                     with ExitStack() as stack:
                         if k < accum - 1:  # gradients are all-reduced on the last micro-batch only
-                            stack.enter_context(accelerator.no_sync(policy))
-                            stack.enter_context(accelerator.no_sync(value_model))
-                        loss, stats = ppo_minibatch_loss(policy, value_model, mb, context_length, ppo)
+                            for m in trained.values():
+                                stack.enter_context(accelerator.no_sync(m))
+                        loss, stats = ppo_minibatch_loss(policy, value_model, mb, context_length, ppo,
+                                                         kl_ctl.kl_coef)
                         step_metrics = stats.metrics()
                         if ptx_batches is not None:  # PPO-ptx (InstructGPT eq. 2)
                             ptx_loss = mean_token_loss(policy, next(ptx_batches), device)
@@ -431,10 +523,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 "objective/kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, ppo.kl_estimator).mean(),
                 "objective/non_score_reward": b_non_score.sum(-1).mean(),
                 "objective/rlhf_reward": b_scores.mean() + b_non_score.sum(-1).mean(),
-                "value/explained_variance": explained_variance(b_values, b_returns, r.response_mask),
                 "rollout/response_length": r.response_mask.sum(-1).float().mean(),
                 "rollout/eos_share": r.ended.float().mean(),
             })
+            if b_values is not None:
+                m["value/explained_variance"] = explained_variance(b_values, b_returns, r.response_mask)
             if with_gold:
                 m["objective/gold_reward"] = r.gold.to(device).mean()
             names = sorted(m)
@@ -450,15 +543,15 @@ def train_ppo(cfg: PPOConfig) -> dict:
         if update % cfg.train.log_every == 0 or update == total_updates or update == 1:
             last_log = {**m, "train/kl_coef": kl_ctl.kl_coef, "train/lr": scheduler.get_last_lr()[0],
                         "train/epoch": data_epoch, "time/rollout_seconds": t_rollout,
-                        "time/update_seconds": update_seconds[-1]}
+                        "time/update_seconds": update_seconds[-1],
+                        "time/update_cpu_seconds": time.process_time() - cpu0}
             logger.log(last_log, step=update)
             bar.set_postfix(score=f"{m['objective/score']:.3f}", kl=f"{m['objective/kl']:.2f}")
         if eval_prompts and cfg.train.eval_every and update % cfg.train.eval_every == 0 and update < total_updates:
             logger.log(run_eval(), step=update)
         if cfg.train.save_every and update % cfg.train.save_every == 0 and update < total_updates:
-            engine.save_checkpoint(accelerator, cfg.output_dir, update, {"policy": policy, "value": value_model},
-                                   {"model": optimizer}, {"model": scheduler}, {"kl_coef": kl_ctl.kl_coef},
-                                   keep=cfg.train.keep_checkpoints)
+            engine.save_checkpoint(accelerator, cfg.output_dir, update, trained, {"model": optimizer},
+                                   {"model": scheduler}, {"kl_coef": kl_ctl.kl_coef}, keep=cfg.train.keep_checkpoints)
     bar.close()
     runtime = time.time() - start
 
@@ -468,15 +561,17 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if eval_after is not None:
         logger.log(eval_after, step=update)
     accelerator.wait_for_everyone()
-    final_dir, value_dir = os.path.join(cfg.output_dir, "final"), os.path.join(cfg.output_dir, "final_value")
+    final_dir = os.path.join(cfg.output_dir, "final")
+    value_dir = os.path.join(cfg.output_dir, "final_value") if value_model is not None else None
     if accelerator.is_main_process:
-        save_policy_and_value(raw_policy, accelerator.unwrap_model(value_model), tokenizer, final_dir, value_dir,
-                              cfg)
+        save_policy_and_value(raw_policy, accelerator.unwrap_model(value_model) if value_model is not None else None,
+                              tokenizer, final_dir, value_dir, cfg)
         plot_metrics(cfg.output_dir)
     summary = {
         "stage": "ppo", "updates": update, "runtime_seconds": round(runtime, 2),
         "seconds_per_update": round(sum(update_seconds) / max(1, len(update_seconds)), 3) if update_seconds else None,
         "memory_mode": memory_mode, "peak_rss_mb": round(_peak_rss_mb(), 1), "value_init": value_note,
+        "advantage": ppo.advantage, "samples_per_prompt": k_samples,
         "kl_coef": kl_ctl.kl_coef, "last": last_log, "eval_before": eval_before, "eval_after": eval_after,
         "trainable_parameters": {"policy": trainable_policy, "value": trainable_value},
         "total_parameters": total_policy, "num_processes": world, "replica_max_abs_difference": replica_diff,
@@ -490,14 +585,18 @@ def train_ppo(cfg: PPOConfig) -> dict:
     return summary
 
 
-def save_policy_and_value(policy, value_model, tokenizer, final_dir: str, value_dir: str, cfg: PPOConfig) -> None:
+def save_policy_and_value(policy, value_model, tokenizer, final_dir: str, value_dir: Optional[str],
+                          cfg: PPOConfig) -> None:
     """final/: the policy (full model, or LoRA adapter [+ final_merged/]); final_value/: the value model.
 
     The value model is a one-output sequence-classification model (or its LoRA adapter),
     loadable with ``AutoModelForSequenceClassification``. In shared-base mode it is the
-    "value" LoRA adapter of the policy's base plus ``value_head.safetensors``.
+    "value" LoRA adapter of the policy's base plus ``value_head.safetensors``. Critic-free
+    runs (value_model None) write final/ only.
     """
-    if isinstance(value_model.model, AdapterHead):
+    if value_model is None:
+        pass
+    elif isinstance(value_model.model, AdapterHead):
         save_adapter_head(policy, value_model.model, value_dir, tokenizer)
     else:
         os.makedirs(value_dir, exist_ok=True)
