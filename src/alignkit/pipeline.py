@@ -16,7 +16,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -29,6 +29,7 @@ from alignkit.rewards import RewardSourceConfig, build_reward
 from alignkit.rm import RMConfig, train_rm
 from alignkit.rollout import load_prompts, rollout
 from alignkit.sft import SFTConfig, train_sft
+from alignkit.tasks import get_task, with_task
 
 STAGE_ORDER = ("sft", "rm", "ppo", "report")
 
@@ -53,8 +54,13 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     report: ReportSettings = field(default_factory=ReportSettings)
     output_dir: str = "runs/pipeline"
+    # A task of the built-in suite (alignkit.tasks: review, extreme, tradeoff, spurious, format): every
+    # builtin:<kind> data spec of every stage becomes builtin:<task>/<kind>. None: specs as written.
+    task: Optional[str] = None
 
     def __post_init__(self):
+        if self.task is not None:
+            get_task(self.task, "task")
         bad = [s for s in self.stages if s not in STAGE_ORDER]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; choose from {list(STAGE_ORDER)}")
@@ -76,6 +82,12 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
         return finals.get(p, p)
 
     cfg.sft.output_dir, cfg.rm.output_dir, cfg.ppo.output_dir = paths["sft"], paths["rm"], paths["ppo"]
+    if cfg.task is not None:
+        for name, obj, key in (("sft.data", cfg.sft.data, "train_files"), ("sft.data", cfg.sft.data, "eval_files"),
+                               ("rm.data", cfg.rm.data, "train_files"), ("rm.data", cfg.rm.data, "eval_files"),
+                               ("rm.rm", cfg.rm.rm, "normalize_on"), ("ppo.data", cfg.ppo.data, "train_files"),
+                               ("ppo.data", cfg.ppo.data, "eval_files"), ("report", cfg.report, "prompts")):
+            setattr(obj, key, with_task(list(getattr(obj, key) or []), cfg.task, f"{name}.{key}"))
     cfg.rm.model.name_or_path = sub(cfg.rm.model.name_or_path)
     cfg.ppo.model.name_or_path = sub(cfg.ppo.model.name_or_path)
     if cfg.ppo.ppo.reference:
