@@ -27,6 +27,7 @@ from alignkit.plots import plot_report
 from alignkit.ppo import PPOConfig, train_ppo
 from alignkit.rewards import RewardSourceConfig, build_reward
 from alignkit.rm import RMConfig, train_rm
+from alignkit.rm_eval import diagnose, write_diagnostics
 from alignkit.rollout import load_prompts, rollout
 from alignkit.sft import SFTConfig, train_sft
 from alignkit.tasks import get_task, with_task
@@ -204,6 +205,11 @@ def write_report(cfg: PipelineConfig) -> dict:
             s = json.load(f)
         rep["ppo_kl_target"] = cfg.ppo.ppo.kl_target if cfg.ppo.ppo.adaptive_kl else None
         rep["ppo_updates"] = s.get("updates", s.get("steps"))
+    if os.path.isdir(rm_path):  # can the reward model guide PPO? (rm_eval.diagnose), also in rm/summary.json
+        rep["rm_diagnostics"] = diagnose(rm_path, sft_path, cfg.report.prompts, seed=cfg.report.seed,
+                                         response_length=cfg.ppo.ppo.response_length,
+                                         temperature=cfg.ppo.ppo.temperature, max_length=cfg.ppo.data.max_length)
+        rep["rm_diagnostics"]["png"] = write_diagnostics(paths["rm"], rep["rm_diagnostics"])
     rep["examples"] = [{"prompt": records["sft"]["prompts"][i], "sft": records["sft"]["texts"][i],
                         "ppo": records["ppo"]["texts"][i]} for i in range(min(5, rep["num_responses"]))]
     with open(os.path.join(cfg.output_dir, "report.json"), "w") as f:
