@@ -71,6 +71,17 @@ def stage_paths(cfg: PipelineConfig) -> dict[str, str]:
     return {s: os.path.join(cfg.output_dir, s) for s in ("sft", "rm", "ppo")}
 
 
+def apply_task(cfg: PipelineConfig) -> PipelineConfig:
+    """``task:`` -> every stage's builtin:<kind> data spec reads builtin:<task>/<kind> (alignkit.tasks)."""
+    if cfg.task is not None:
+        for name, obj, key in (("sft.data", cfg.sft.data, "train_files"), ("sft.data", cfg.sft.data, "eval_files"),
+                               ("rm.data", cfg.rm.data, "train_files"), ("rm.data", cfg.rm.data, "eval_files"),
+                               ("rm.rm", cfg.rm.rm, "normalize_on"), ("ppo.data", cfg.ppo.data, "train_files"),
+                               ("ppo.data", cfg.ppo.data, "eval_files"), ("report", cfg.report, "prompts")):
+            setattr(obj, key, with_task(list(getattr(obj, key) or []), cfg.task, f"{name}.{key}"))
+    return cfg
+
+
 def wire(cfg: PipelineConfig) -> PipelineConfig:
     """Point each stage at the outputs of the ones before it."""
     paths = stage_paths(cfg)
@@ -83,12 +94,7 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
         return finals.get(p, p)
 
     cfg.sft.output_dir, cfg.rm.output_dir, cfg.ppo.output_dir = paths["sft"], paths["rm"], paths["ppo"]
-    if cfg.task is not None:
-        for name, obj, key in (("sft.data", cfg.sft.data, "train_files"), ("sft.data", cfg.sft.data, "eval_files"),
-                               ("rm.data", cfg.rm.data, "train_files"), ("rm.data", cfg.rm.data, "eval_files"),
-                               ("rm.rm", cfg.rm.rm, "normalize_on"), ("ppo.data", cfg.ppo.data, "train_files"),
-                               ("ppo.data", cfg.ppo.data, "eval_files"), ("report", cfg.report, "prompts")):
-            setattr(obj, key, with_task(list(getattr(obj, key) or []), cfg.task, f"{name}.{key}"))
+    apply_task(cfg)
     cfg.rm.model.name_or_path = sub(cfg.rm.model.name_or_path)
     cfg.ppo.model.name_or_path = sub(cfg.ppo.model.name_or_path)
     if cfg.ppo.ppo.reference:
