@@ -44,6 +44,10 @@ class ReportSettings:
     samples_per_prompt: int = 2
     # Same sampling noise for both policies.
     seed: int = 1234
+    # Reward-model diagnostics (rm_eval.diagnose): the first this many report prompts (0: skip) ...
+    diagnostics_prompts: int = 64
+    # ... each answered this many times by the SFT policy: the best-of-N curve runs N = 1, 2, 4 ... this.
+    best_of_n: int = 64
 
 
 @dataclass
@@ -211,8 +215,9 @@ def write_report(cfg: PipelineConfig) -> dict:
             s = json.load(f)
         rep["ppo_kl_target"] = cfg.ppo.ppo.kl_target if cfg.ppo.ppo.adaptive_kl else None
         rep["ppo_updates"] = s.get("updates", s.get("steps"))
-    if os.path.isdir(rm_path):  # can the reward model guide PPO? (rm_eval.diagnose), also in rm/summary.json
-        rep["rm_diagnostics"] = diagnose(rm_path, sft_path, cfg.report.prompts, seed=cfg.report.seed,
+    if os.path.isdir(rm_path) and cfg.report.diagnostics_prompts:  # can the RM guide PPO? also in rm/summary.json
+        rep["rm_diagnostics"] = diagnose(rm_path, sft_path, cfg.report.prompts, cfg.report.diagnostics_prompts,
+                                         cfg.report.best_of_n, seed=cfg.report.seed,
                                          response_length=cfg.ppo.ppo.response_length,
                                          temperature=cfg.ppo.ppo.temperature, max_length=cfg.ppo.data.max_length)
         rep["rm_diagnostics"]["png"] = write_diagnostics(paths["rm"], rep["rm_diagnostics"])
