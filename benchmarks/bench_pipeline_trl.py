@@ -9,6 +9,7 @@
     python benchmarks/bench_pipeline_trl.py --seeds 0 1 2 --long-factor 0   # the KL-matched table
     python benchmarks/bench_pipeline_trl.py --kl-match 0          # no KL-matched re-run
     python benchmarks/bench_pipeline_trl.py --report runs/bench_pipeline_trl/results.json  # tables again
+    python benchmarks/bench_pipeline_trl.py --task extreme --seeds 0 1 2   # a task of the suite (alignkit.tasks)
 
 alignkit runs ``alignkit pipeline --config configs/pipeline/quickstart.yaml`` (stages sft, rm, ppo).
 TRL runs the same three stages on the same built-in data and the same ``builtin:tiny`` model:
@@ -70,8 +71,11 @@ TRL112_PYTHON = "/work/venv-trl112/bin/python"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs/pipeline/quickstart.yaml"),
-                   help="alignkit pipeline YAML (TRL reads its hyperparameters from it too)")
+    p.add_argument("--config", default=None,
+                   help="alignkit pipeline YAML (TRL reads its hyperparameters from it too); default\n"
+                        "configs/pipeline/<task>.yaml, or quickstart.yaml without --task")
+    p.add_argument("--task", default=None, help="a task of the suite (alignkit.tasks): review, extreme, tradeoff,\n"
+                                                "spurious, format; its data, gold reward and config")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one alignkit and one TRL pipeline per seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every child (the same for both tools)")
     p.add_argument("--budget-scale", type=float, default=1.0,
@@ -96,7 +100,7 @@ def parse_args(argv=None):
                         "reward-model blind spot). TRL's own default 3e-6 is for pretrained billion-parameter\n"
                         "models and barely moves this tiny one")
     p.add_argument("--trl-python", default=TRL112_PYTHON, help="interpreter with trl==1.12 (PPO)")
-    p.add_argument("--workdir", default=None, help="outputs and logs (default: runs/bench_pipeline_trl)")
+    p.add_argument("--workdir", default=None, help="outputs and logs (default: runs/bench_pipeline_trl[_<task>])")
     p.add_argument("--report", metavar="RESULTS_JSON", nargs="+",
                    help="print the tables of earlier runs (several results.json: their seeds are pooled)")
     p.add_argument("--child", choices=["alignkit", "eval"], help=argparse.SUPPRESS)
@@ -105,7 +109,10 @@ def parse_args(argv=None):
     p.add_argument("--ppo-updates", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ppo-set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--jobs", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.config is None:
+        args.config = os.path.join(ROOT, "configs/pipeline", f"{args.task}.yaml" if args.task else "quickstart.yaml")
+    return args
 
 
 # ----------------------------------------------------------------------------- settings shared with TRL
@@ -113,9 +120,10 @@ def parse_args(argv=None):
 
 def load_pipeline_config(path: str, overrides: list[str] | None = None):
     from alignkit.config import load_config, parse_overrides
-    from alignkit.pipeline import PipelineConfig
+    from alignkit.pipeline import PipelineConfig, apply_task
 
-    return load_config(PipelineConfig, path, parse_overrides(overrides or []))
+    # The config's task (if any) applied to every data spec, so TRL reads the same task's data.
+    return apply_task(load_config(PipelineConfig, path, parse_overrides(overrides or [])))
 
 
 def trl_settings(cfg) -> dict:
@@ -173,8 +181,9 @@ def child_eval(args) -> None:
     """compare_policies + summarize (alignkit.pipeline) for each (sft, ppo, rm) triple: the same code for all."""
     import torch
 
-    from alignkit.builtin import MALFORMED, gold_aspects
+    from alignkit.builtin import MALFORMED
     from alignkit.pipeline import compare_policies, summarize
+    from alignkit.tasks import gold_aspects
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -184,7 +193,8 @@ def child_eval(args) -> None:
         t = time.time()
         rec = compare_policies(job["sft"], job["ppo"], job.get("rm"), cfg)
         rep = summarize(rec)
-        rep["rm_gold_accuracy"] = rm_gold_accuracy(job["rm"], cfg.rm.data.max_length)
+        rep["rm_gold_accuracy"] = rm_gold_accuracy(job["rm"], cfg.rm.data.max_length,
+                                                   cfg.rm.data.eval_files or ["builtin:pairs:eval"])
         for name in ("sft", "ppo"):  # answers outside the task's grammar (gold helpfulness exactly -3)
             r = rec[name]
             rep[name]["malformed_share"] = sum(gold_aspects(p, t)["helpfulness"] == MALFORMED
@@ -199,8 +209,8 @@ def child_eval(args) -> None:
     emit(out)
 
 
-def rm_gold_accuracy(path: str, max_length: int) -> float:
-    """Share of held-out answer pairs (builtin:pairs:eval, different gold) the reward model orders like gold.
+def rm_gold_accuracy(path: str, max_length: int, pairs: list[str]) -> float:
+    """Share of held-out answer pairs (the RM's eval files, different gold) the reward model orders like gold.
 
     Offsets and scales do not change an order, so every reward model is read raw (as bench_rm.py does).
     """
@@ -211,7 +221,7 @@ def rm_gold_accuracy(path: str, max_length: int) -> float:
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).float().eval()
-    els, _ = rm_data.build_elements(load_examples("builtin:pairs:eval"), rm_data.RewardSettings(), tok, max_length, "truncate",
+    els, _ = rm_data.build_elements(load_examples(pairs), rm_data.RewardSettings(), tok, max_length, "truncate",
                                evaluation=True)
     return rm_eval.evaluate(model, els, rewards.default_info(1), tok.pad_token_id)[0]["gold_accuracy"]
 
@@ -430,7 +440,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--variants: choose from capped, uncapped (got {args.variants})")
     if not os.path.exists(args.trl_python):
         raise SystemExit(f"{args.trl_python}: no interpreter with trl==1.12 (PPO); see --trl-python")
-    work = os.path.abspath(args.workdir or os.path.join(ROOT, "runs", "bench_pipeline_trl"))
+    work = os.path.abspath(args.workdir or os.path.join(ROOT, "runs", "bench_pipeline_trl" + (f"_{args.task}" if args.task else "")))
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     cfg = load_pipeline_config(args.config)

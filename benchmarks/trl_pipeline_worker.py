@@ -171,7 +171,7 @@ def run_rm(args, s: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from alignkit.builtin import gold_reward
+    from alignkit.tasks import gold_reward  # each prompt by its own task
     from alignkit.schema import load_examples
 
     from alignkit.losses import MARGIN_TABLES

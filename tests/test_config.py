@@ -84,3 +84,11 @@ def test_overrides_and_defaults_live_in_the_dataclass(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(SFTConfig, "/nonexistent/c.yaml")
+
+
+@pytest.mark.parametrize("target", ["0", "-1.5"])
+def test_kl_target_not_positive_is_a_config_error(target):
+    from alignkit.ppo import PPOConfig
+
+    with pytest.raises(ConfigError, match="ppo.kl_target: must be > 0"):
+        load_config(PPOConfig, os.path.join(ROOT, "configs/ppo/tiny.yaml"), [f"ppo.kl_target={target}"])

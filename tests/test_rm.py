@@ -492,3 +492,23 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     b, _, info_b = rewards.load_reward_model(str(tmp_path / "b" / "final"))
     torch.testing.assert_close(rewards.score_sequences(b, seqs, 0), rewards.score_sequences(a, seqs, 0), atol=1e-5, rtol=1e-5)
     assert info_a["offset"] == pytest.approx(info_b["offset"], abs=1e-5)
+
+
+def test_diagnostics_before_ppo_land_in_summary(trained, tiny_model_dir):
+    from alignkit.rm_eval import diagnose, write_diagnostics
+
+    cfg, summary = trained
+    assert 0 <= summary["eval"]["calibration"]["ece"] <= 0.5
+    diag = diagnose(os.path.join(cfg.output_dir, "final"), tiny_model_dir, ["builtin:prompts:eval"], num_prompts=4,
+                    n=8, response_length=8, max_length=32)
+    assert [r["n"] for r in diag["best_of_n"]] == [1, 2, 4, 8] and diag["prompts"] == 4
+    # The RM's own pick can only raise its score; gold's best of N bounds the RM's pick from above.
+    scores = [r["score"] for r in diag["best_of_n"]]
+    assert scores == sorted(scores) and all(r["gold"] <= r["oracle_gold"] for r in diag["best_of_n"])
+    png = write_diagnostics(cfg.output_dir, diag)
+    assert os.path.exists(png)
+    with open(os.path.join(cfg.output_dir, "summary.json")) as f:
+        saved = json.load(f)["diagnostics"]
+    assert saved["calibration"] == summary["eval"]["calibration"] and saved["best_of_n"] == diag["best_of_n"]
+    with pytest.raises(ConfigError, match="power of two"):
+        diagnose(os.path.join(cfg.output_dir, "final"), tiny_model_dir, ["builtin:prompts:eval"], n=48)

@@ -176,13 +176,18 @@ def _parse_clause(words: list[str]):
     return subject, pol, False
 
 
-def gold_aspects(prompt, response: str) -> dict[str, float]:
-    """Gold reward per aspect for one response (see module docstring)."""
+def parse_clauses(response: str) -> list[tuple] | None:
+    """The clauses of an answer as ``(subject, polarity, insult)`` tuples, or None if it breaks the grammar.
+
+    An answer is 1-4 clauses joined by "and"/"but" and closed by "."; a trailing EOS token is ignored.
+    Polarity is +-1 per adjective (+-2 with an intensifier, 0 for a neutral one); an insult clause
+    ("you are stupid") has subject None.
+    """
     words = response.split()
     if words and words[-1] == SPECIAL["eos"]:
         words = words[:-1]
     if len(words) < 4 or words[-1] != ".":
-        return {"helpfulness": MALFORMED, "harmlessness": 0.0}
+        return None
     clauses, cur = [], []
     for w in words[:-1]:
         if w in ("and", "but", "."):
@@ -192,14 +197,19 @@ def gold_aspects(prompt, response: str) -> dict[str, float]:
             cur.append(w)
     clauses.append(cur)
     if len(clauses) > 4:
+        return None
+    parsed = [_parse_clause(c) if c else None for c in clauses]
+    return None if any(c is None for c in parsed) else parsed
+
+
+def gold_aspects(prompt, response: str) -> dict[str, float]:
+    """Gold reward per aspect for one response (see module docstring)."""
+    clauses = parse_clauses(response)
+    if clauses is None:
         return {"helpfulness": MALFORMED, "harmlessness": 0.0}
     topic = prompt_topic(prompt)
     helpful, harm, on_topic, subjects = 0.0, 0.0, False, []
-    for c in clauses:
-        parsed = _parse_clause(c) if c else None
-        if parsed is None:
-            return {"helpfulness": MALFORMED, "harmlessness": 0.0}
-        subject, pol, insult = parsed
+    for subject, pol, insult in clauses:
         if insult:
             harm -= 1.5
             continue
@@ -344,8 +354,13 @@ DEFAULT_SIZES = {"sft": 2000, "prompts": 512, "pairs": 3000, "rankings": 1000, "
 
 
 def load_builtin(spec: str, seed: int = 0) -> list[Example]:
-    """``builtin:<kind>[:<split>[:<n>]]``, e.g. ``builtin:pairs:eval:500``."""
+    """``builtin:<kind>[:<split>[:<n>]]``, e.g. ``builtin:pairs:eval:500``; ``builtin:<task>/<kind>...``
+    is a task of the suite (``alignkit.tasks``)."""
     parts = spec.split(":")[1:]
+    if "/" in parts[0]:
+        from alignkit.tasks import load_task_examples
+
+        return load_task_examples(spec, seed=seed)
     kind = parts[0]
     split = parts[1] if len(parts) > 1 else "train"
     if split not in ("train", "eval"):

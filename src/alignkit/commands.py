@@ -29,6 +29,11 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-length", type=int, default=1024, help="longer prompt + answer are truncated")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--policy", help="a policy folder (the SFT model): also sample it for the diagnostics "
+                                    "(accuracy by gold gap, score range, best-of-N curve)")
+    e.add_argument("--prompts", nargs="+", help="held-out prompts for the diagnostics (default builtin:prompts:eval)")
+    e.add_argument("--num-prompts", type=int, default=64)
+    e.add_argument("--best-of-n", type=int, default=64, help="samples per prompt: the curve runs N = 1, 2, 4 ... this")
     e.set_defaults(func=_rm_eval)
 
 

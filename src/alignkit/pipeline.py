@@ -35,8 +35,10 @@ from alignkit.plots import plot_report
 from alignkit.ppo import PPOConfig, PPOSettings, train_ppo
 from alignkit.rewards import RewardSourceConfig, build_reward
 from alignkit.rm import RMConfig, train_rm
+from alignkit.rm_eval import diagnose, write_diagnostics
 from alignkit.rollout import load_prompts, rollout
 from alignkit.sft import SFTConfig, train_sft
+from alignkit.tasks import get_task, with_task
 
 # What each optimiser stage runs; rloo and grpo are PPO's loop with a critic-free advantage.
 OPTIMIZERS = {"ppo": train_ppo, "rloo": train_ppo, "grpo": train_ppo, "dpo": train_dpo, "kto": train_kto}
@@ -57,6 +59,10 @@ class ReportSettings:
     policies: List[str] = field(default_factory=list)
     # Evaluator whose verdicts the report adds: @classifier (this pipeline's, when trained), a folder, or null.
     judge: Optional[str] = "@classifier"
+    # Reward-model diagnostics (rm_eval.diagnose): the first this many report prompts (0: skip) ...
+    diagnostics_prompts: int = 64
+    # ... each answered this many times by the SFT policy: the best-of-N curve runs N = 1, 2, 4 ... this.
+    best_of_n: int = 64
 
 
 @dataclass
@@ -75,8 +81,13 @@ class PipelineConfig:
     kto: KTOConfig = field(default_factory=KTOConfig)
     report: ReportSettings = field(default_factory=ReportSettings)
     output_dir: str = "runs/pipeline"
+    # A task of the built-in suite (alignkit.tasks: review, extreme, tradeoff, spurious, format): every
+    # builtin:<kind> data spec of every stage becomes builtin:<task>/<kind>. None: specs as written.
+    task: Optional[str] = None
 
     def __post_init__(self):
+        if self.task is not None:
+            get_task(self.task, "task")
         bad = [s for s in self.stages if s not in STAGE_ORDER]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; choose from {list(STAGE_ORDER)}")
@@ -93,6 +104,17 @@ def stage_paths(cfg: PipelineConfig) -> dict[str, str]:
     return {s: os.path.join(cfg.output_dir, s) for s in STAGE_ORDER if s != "report"}
 
 
+def apply_task(cfg: PipelineConfig) -> PipelineConfig:
+    """``task:`` -> every stage's builtin:<kind> data spec reads builtin:<task>/<kind> (alignkit.tasks)."""
+    if cfg.task is not None:
+        targets = [(f"{stage}.data", getattr(cfg, stage).data, key) for stage in ("sft", "rm", "classifier", *OPTIMIZERS)
+                   for key in ("train_files", "eval_files")]
+        targets += [("rm.rm", cfg.rm.rm, "normalize_on"), ("report", cfg.report, "prompts")]
+        for name, obj, key in targets:
+            setattr(obj, key, with_task(list(getattr(obj, key) or []), cfg.task, f"{name}.{key}"))
+    return cfg
+
+
 def wire(cfg: PipelineConfig) -> PipelineConfig:
     """Point each stage at the outputs of the ones before it."""
     paths = stage_paths(cfg)
@@ -106,6 +128,7 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
             return os.path.join(paths["rm"], "final_adapter")
         return finals.get(p, p)
 
+    apply_task(cfg)
     for stage in ("sft", "rm", "classifier", *OPTIMIZERS):
         stage_cfg = getattr(cfg, stage)
         stage_cfg.output_dir = paths[stage]
@@ -300,6 +323,12 @@ def write_report(cfg: PipelineConfig) -> dict:
             with open(ppo_summary) as f:
                 s = json.load(f)
             rep["ppo_updates"] = s.get("updates", s.get("steps"))
+    if os.path.isdir(rm_path) and cfg.report.diagnostics_prompts:  # can the RM guide PPO? also in rm/summary.json
+        rep["rm_diagnostics"] = diagnose(rm_path, sft_path, cfg.report.prompts, cfg.report.diagnostics_prompts,
+                                         cfg.report.best_of_n, seed=cfg.report.seed,
+                                         response_length=cfg.ppo.ppo.response_length,
+                                         temperature=cfg.ppo.ppo.temperature, max_length=cfg.ppo.data.max_length)
+        rep["rm_diagnostics"]["png"] = write_diagnostics(paths["rm"], rep["rm_diagnostics"])
     rep["table"] = report_table(rep, policies)
     rep["examples"] = [{"prompt": records["sft"]["prompts"][i], **{n: records[n]["texts"][i] for n in records}}
                        for i in range(min(5, rep["num_responses"]))]

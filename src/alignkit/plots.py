@@ -142,3 +142,48 @@ def plot_report(records: dict, rep: dict, path: str, run_dirs: dict) -> str:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_rm_diagnostics(diag: dict, path: str) -> str:
+    """PNG of the reward-model diagnostics (``rm_eval.diagnose``): the best-of-N curve (gold and reward-model
+    score of the RM's best of N policy samples against KL = log N - (N-1)/N, Gao et al. 2022), accuracy by
+    gold gap, and the calibration of P(chosen)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    bon = diag["best_of_n"]
+    kl = [r["kl"] for r in bon]
+    ax.plot(kl, [r["gold"] for r in bon], "o-", color="tab:orange", label="gold of RM's best")
+    ax.plot(kl, [r["oracle_gold"] for r in bon], ":", color="tab:gray", label="gold's own best (oracle)")
+    ax.set_xlabel("KL(best-of-N || policy), nats")
+    ax.set_ylabel("gold reward")
+    for r in bon:
+        ax.annotate(f"N={r['n']}", (r["kl"], r["gold"]), fontsize=7)
+    twin = ax.twinx()
+    twin.plot(kl, [r["score"] for r in bon], "s--", color="tab:blue", label="RM score of RM's best")
+    twin.set_ylabel("reward-model score", color="tab:blue")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("best of N policy samples")
+    ax = axes[1]
+    buckets = diag["accuracy_by_gold_gap"]
+    names = list(buckets)
+    ax.bar(range(len(names)), [buckets[k]["accuracy"] or 0.0 for k in names], color="tab:green")
+    ax.set_xticks(range(len(names)), [f"{k}\n{buckets[k]['pairs']} pairs" for k in names], fontsize=7)
+    ax.axhline(0.5, color="k", lw=0.5)
+    ax.set_ylim(0, 1)
+    ax.set_title("accuracy by |gold gap| (same prompt)")
+    ax = axes[2]
+    cal = diag.get("calibration")
+    if cal:
+        ax.plot([b["predicted"] for b in cal["bins"]], [b["observed"] for b in cal["bins"]], "o-",
+                label=f"ECE {cal['ece']:.3f}")
+        ax.legend()
+    ax.plot([0, 1], [0, 1], ":", color="k")
+    ax.set_xlabel("predicted P(chosen)")
+    ax.set_ylabel("observed share chosen")
+    rng = diag["score_range"]
+    ax.set_title(f"calibration; scores p1..p99 {rng['p1']:.2f}..{rng['p99']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -7,7 +7,7 @@ Reward sources for PPO behind one interface: ``reward(prompts, responses) -> sco
     scores = reward(["review the pizza"], ["the pizza was great ."])
 
 A source is one of
-* ``builtin:gold``: the built-in task's true reward (``alignkit.builtin.gold_reward``);
+* ``builtin:gold``: the built-in tasks' true reward (``alignkit.tasks.gold_reward``: each prompt by its own task);
 * ``package.module:function``: any Python ``f(prompts, responses) -> list[float]``;
 * a folder or Hub id of a sequence-classification reward model. A model saved by
   alignkit carries ``"alignkit_reward": {aspects, weights, offset, scale}`` in its
@@ -92,7 +92,7 @@ class FunctionReward:
 
 def load_function(spec: str) -> FunctionReward:
     if spec == "builtin:gold":
-        from alignkit.builtin import gold_reward
+        from alignkit.tasks import gold_reward
 
         return FunctionReward(gold_reward, spec)
     module, _, name = spec.partition(":")

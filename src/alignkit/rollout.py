@@ -228,7 +228,7 @@ def rollout(policy, reference, reward, prompts: list[Prompt], tokenizer, respons
             ref_logprobs.append(forward_response(reference if reference is not None else policy, *args)[1])
     gold = None
     if with_gold:
-        from alignkit.builtin import gold_reward
+        from alignkit.tasks import gold_reward  # each prompt by its own task
 
         gold = torch.tensor(gold_reward(prompt_values, texts), dtype=torch.float32)
     return Rollout(b_query, b_query_mask, b_response, b_response_mask, b_ended, b_input_ids, b_attention_mask,
