@@ -77,6 +77,14 @@ def test_grpo_with_kl_in_loss_leaves_the_kl_out_of_the_reward():
     assert non_score.sum().item() == pytest.approx(-0.7)
 
 
+def test_dr_grpo_does_not_divide_by_the_group_std():
+    ppo = PPOSettings(advantage="grpo", samples_per_prompt=2, rollout_batch_size=4, num_minibatches=1,
+                      kl_in_loss=True, scale_by_std=False)
+    advantages, _, _ = compute_advantages(ppo, SCORES, KL, 0.2, MASK)
+    # Groups [1, 3] and [0, 4] minus their means 2 and 2: -1, 1, -2, 2.
+    torch.testing.assert_close(advantages, torch.tensor([[-1.0, -1.0], [1.0, 0.0], [-2.0, -2.0], [2.0, 2.0]]))
+
+
 def test_reinforce_pp_whitens_the_kl_penalised_returns():
     ppo = PPOSettings(advantage="reinforce_pp", rollout_batch_size=4, num_minibatches=1)
     advantages, returns, _ = compute_advantages(ppo, SCORES, KL, 0.2, MASK)

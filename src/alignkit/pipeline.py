@@ -54,8 +54,8 @@ class ReportSettings:
     samples_per_prompt: int = 2
     # Same sampling noise for every policy.
     seed: int = 1234
-    # Optimiser outputs compared with SFT; empty: the optimiser stages in `stages`, or when none runs now
-    # (e.g. --stages=[report]) every optimiser whose output_dir/<name>/final exists.
+    # Optimiser outputs compared with SFT; empty: every optimiser in `stages` or with an output_dir/<name>/final
+    # (so --stages=[kto,report] re-trains one and still compares all).
     policies: List[str] = field(default_factory=list)
     # Evaluator whose verdicts the report adds: @classifier (this pipeline's, when trained), a folder, or null.
     judge: Optional[str] = "@classifier"
@@ -282,10 +282,7 @@ def report_policies(cfg: PipelineConfig) -> list[str]:
     """The optimisers the report compares (ReportSettings.policies)."""
     if cfg.report.policies:
         return list(cfg.report.policies)
-    running = [s for s in OPTIMIZERS if s in cfg.stages]
-    if running:
-        return running
-    return [s for s in OPTIMIZERS if os.path.isdir(os.path.join(cfg.output_dir, s, "final"))]
+    return [s for s in OPTIMIZERS if s in cfg.stages or os.path.isdir(os.path.join(cfg.output_dir, s, "final"))]
 
 
 def write_report(cfg: PipelineConfig) -> dict:

@@ -113,10 +113,10 @@ def plot_report(records: dict, rep: dict, path: str, run_dirs: dict) -> str:
     else:
         ax.axis("off")
     ax = axes[1, 0]
-    bars = [("kl_to_sft", "KL to SFT (nats)", 1.0), ("response_length", "length / 10", 0.1),
+    bars = [("kl_to_sft", "KL to SFT\n(nats)", 1.0), ("response_length", "length / 10", 0.1),
             ("eos_share", "EOS share", 1.0)]
     if "judged_good_share" in rep["sft"]:
-        bars.append(("judged_good_share", "judged good (evaluator)", 1.0))
+        bars.append(("judged_good_share", "judged good\n(evaluator)", 1.0))
     x = torch.arange(len(bars)).float()
     width = 0.8 / len(names)
     for i, n in enumerate(names):

@@ -156,6 +156,9 @@ class PPOSettings:
     # GRPO's KL: k3 KL to the reference added to the loss with coefficient beta (kl_coef, adaptive or
     # not) instead of -beta * KL in the reward.
     kl_in_loss: bool = False
+    # grpo only: divide by the group's std. false: Dr. GRPO (Liu et al. 2025), which does not up-weight
+    # prompts whose samples the reward barely tells apart (e.g. once a reward model saturates).
+    scale_by_std: bool = True
 
     def __post_init__(self):
         if self.advantage not in ADVANTAGES:
@@ -315,8 +318,10 @@ def compute_advantages(ppo: PPOSettings, b_scores, b_kl, kl_coef: float, respons
         return masked_whiten(b_advantages, response_mask), b_returns, b_non_score
     if ppo.advantage == "reinforce_pp":
         return reinforce_pp_advantages(b_rewards, response_mask, ppo.gamma), None, b_non_score
-    estimator = rloo_advantages if ppo.advantage == "rloo" else grpo_advantages
-    per_response = estimator(b_rewards.sum(-1), ppo.samples_per_prompt)
+    if ppo.advantage == "rloo":
+        per_response = rloo_advantages(b_rewards.sum(-1), ppo.samples_per_prompt)
+    else:
+        per_response = grpo_advantages(b_rewards.sum(-1), ppo.samples_per_prompt, ppo.scale_by_std)
     mask = response_mask.bool()
     return torch.where(mask, per_response[:, None], torch.zeros_like(b_rewards)), None, b_non_score
 
