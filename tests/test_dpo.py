@@ -49,8 +49,8 @@ def test_dpo_without_pairs_names_what_it_found_and_needs(tmp_path, tokenizer):
     with pytest.raises(DataError) as e:
         prepare_data(cfg, tokenizer)
     msg = str(e.value)
-    assert "builtin:sft:train:5, builtin:ratings:train:3: labels: DPO needs comparisons" in msg
-    assert "5 demonstration" in msg and "rating" in msg and "pairwise or ranking" in msg
+    assert "builtin:sft:train:5, builtin:ratings:train:3: labels: found 5 demonstration" in msg
+    assert "rating" in msg and "dpo needs a preference pair" in msg
 
 
 def test_dpo_bad_data_is_exit_code_2_without_traceback(tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_dpo_bad_data_is_exit_code_2_without_traceback(tmp_path, capsys):
     code = cli_main(["dpo", f"--data.train_files=[{path}]", f"--output_dir={tmp_path / 'run'}"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "DPO needs comparisons" in err and "1 demonstration" in err and "Traceback" not in err
+    assert "dpo needs a preference pair" in err and "1 demonstration" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("good", [True, False])
@@ -74,7 +74,7 @@ def test_kto_with_one_class_only_is_an_error(tmp_path, tokenizer, good):
 
 def test_kto_without_binary_labels_or_pairs(tmp_path, tokenizer):
     cfg = small(KTOConfig, tmp_path, data={"train_files": ["builtin:sft:train:4"]})
-    with pytest.raises(DataError, match="KTO needs binary good/bad labels .* found 4 demonstration"):
+    with pytest.raises(DataError, match="found 4 demonstration; kto needs a good/bad label or preference pair"):
         prepare_data(cfg, tokenizer)
 
 

@@ -45,7 +45,7 @@ from alignkit.modeling import (
 from alignkit.rewards import score_sequences
 from alignkit.rm import RewardForward, save_reward_model
 from alignkit.rm_data import OVERALL, RMElement, aggregate, pack_elements
-from alignkit.schema import DataError, Example, feedback_counts, load_examples
+from alignkit.schema import DataError, Example, feedback_counts, prepare_splits
 from alignkit.sft import EpochSampler
 from alignkit.tokenization import right_pad
 
@@ -155,21 +155,11 @@ def classifier_items(examples: list[Example], s: ClassifierSettings, tokenizer, 
 
 
 def prepare_data(cfg: ClassifierConfig, tokenizer):
-    problems, out, stats = [], [], {}
-    for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-        if not files:
-            out.append([])
-            continue
-        try:
-            items, stats[split] = classifier_items(load_examples(files, seed=cfg.train.seed), cfg.classifier,
-                                                   tokenizer, cfg.data, ", ".join(files))
-        except DataError as e:
-            problems.extend(e.problems)
-            items = []
-        out.append(items)
-    if problems:
-        raise DataError(problems)
-    return out[0], out[1], stats
+    """Train and eval items (one answer and its verdict each); all problems raised before any model loads."""
+    def build(examples, split, files):
+        return classifier_items(examples, cfg.classifier, tokenizer, cfg.data, ", ".join(files))
+
+    return prepare_splits(cfg.data, cfg.train.seed, "classifier", build)
 
 
 def collate(items: list[Judged], pad_token_id: int, max_length: int, packing: bool,
@@ -258,6 +248,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
     engine.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_items, eval_items, data_stats = prepare_data(cfg, tokenizer)
+    row_accounts = data_stats.pop("rows")
 
     n_out = 2 + len(s.categories)
     model = load_model(cfg.model, task="reward", num_labels=n_out, pad_token_id=tokenizer.pad_token_id)
@@ -345,7 +336,8 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
         "train_accuracy": last_log.get("train/accuracy"), "eval_before": eval_before, "eval": eval_after,
         "categories": list(s.categories), "threshold": s.threshold, "runtime_seconds": round(runtime, 2),
         "answers_per_second": last_log.get("train/answers_per_second"), "trainable_parameters": trainable,
-        "total_parameters": total, "num_processes": world, "data": data_stats, "final_dir": final_dir,
+        "total_parameters": total, "num_processes": world, "rows": row_accounts, "data": data_stats,
+        "final_dir": final_dir,
     }
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)

@@ -66,7 +66,7 @@ from alignkit.rm_data import (
     pack_elements,
     validate_labels,
 )
-from alignkit.schema import DataError, Example, feedback_counts, load_examples
+from alignkit.schema import DataError, Example, feedback_counts, prepare_splits
 from alignkit.sft import make_loader
 from alignkit.tokenization import IGNORE_INDEX, encode_answer, encode_prompt, fit_length, right_pad
 
@@ -305,26 +305,14 @@ def kto_elements(examples: list[Example], pref: KTOSettings, tokenizer, data: Da
 
 def prepare_data(cfg, tokenizer):
     """Train and eval elements of the DPO or KTO stage; all problems raised before any model loads."""
-    problems, out, stats = [], [], {}
-    for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-        if not files:
-            out.append([])
-            continue
-        try:
-            examples, where = load_examples(files, seed=cfg.train.seed), ", ".join(files)
-            if isinstance(cfg, KTOConfig):
-                elements, s = kto_elements(examples, cfg.kto, tokenizer, cfg.data, where, cfg.train.seed)
-            else:
-                elements, s = dpo_elements(examples, cfg.dpo, tokenizer, cfg.data, where)
-        except DataError as e:
-            problems.extend(e.problems)
-            out.append([])
-            continue
-        stats[split] = s
-        out.append(elements)
-    if problems:
-        raise DataError(problems)
-    return out[0], out[1], stats
+    kto = isinstance(cfg, KTOConfig)
+
+    def build(examples, split, files):
+        if kto:
+            return kto_elements(examples, cfg.kto, tokenizer, cfg.data, ", ".join(files), cfg.train.seed)
+        return dpo_elements(examples, cfg.dpo, tokenizer, cfg.data, ", ".join(files))
+
+    return prepare_splits(cfg.data, cfg.train.seed, "kto" if kto else "dpo", build)
 
 
 # ----------------------------------------------------------------------------- batches and log-probs
@@ -537,6 +525,7 @@ def _train(cfg, stage: str) -> dict:
     engine.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_elements, eval_elements, data_stats = prepare_data(cfg, tokenizer)
+    row_accounts = data_stats.pop("rows")
     if settings.reference:
         check_reference_vocab(tokenizer, None, settings.reference, cfg.model, f"{stage}.reference")
     weights = None
@@ -657,7 +646,8 @@ def _train(cfg, stage: str) -> dict:
         "eval_after": eval_after, "runtime_seconds": round(runtime, 2),
         "reference_seconds": round(ref_seconds, 2), "reference": settings.reference or (
             "policy with the adapter off" if is_peft(model) else "policy before training"),
-        "trainable_parameters": trainable, "total_parameters": total, "num_processes": world, "data": data_stats,
+        "trainable_parameters": trainable, "total_parameters": total, "num_processes": world, "rows": row_accounts,
+        "data": data_stats,
         "final_dir": final_dir,
     }
     if stage == "kto":

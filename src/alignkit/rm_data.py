@@ -21,7 +21,7 @@ import torch
 from alignkit.config import ConfigError
 from alignkit.losses import MARGIN_TABLES, ranking_to_pairs
 from alignkit.rewards import encode_for_reward, read_position
-from alignkit.schema import DataError, Example, Label, demonstrations, load_examples, select_rows
+from alignkit.schema import DataError, Example, Label, demonstrations, load_examples, prepare_splits
 from alignkit.tokenization import encode_answer, encode_prompt, fit_length, packed_attention_mask, right_pad
 
 if TYPE_CHECKING:
@@ -421,35 +421,24 @@ def pack_elements(elements: list[RMElement], pad_token_id: int, num_aspects: int
 
 
 def prepare_rm_data(cfg: RMConfig, tokenizer):
-    """Load, validate, aggregate and tokenize train and eval data; all problems raised together."""
-    problems, out, stats, train_examples = [], [], {"rows": {}}, []
-    for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-        if not files:
-            out.append([])
-            continue
-        try:
-            examples = load_examples(files, seed=cfg.train.seed)
-            validate_labels(examples, cfg.rm, evaluation=split == "eval")  # a bad label is an error, not a skip
-            examples, account = select_rows(examples, "rm", cfg.data.on_unusable, cfg.data.max_unusable_fraction,
-                                            split, evaluation=split == "eval")
-            stats["rows"][split] = account.to_dict()
-            if split == "train":
-                train_examples = examples
-            elements, s = build_elements(examples, cfg.rm, tokenizer, cfg.data.max_length, cfg.data.truncation,
-                                         evaluation=split == "eval")
-            if split == "train" and not elements:
-                raise DataError([f"{', '.join(files)}: labels: no comparisons found (the reward model needs "
-                                 "pairwise, ranking or rating labels, or {prompt, chosen, rejected} rows)"])
-        except DataError as e:
-            problems.extend(e.problems)
-            out.append([])
-            continue
-        stats[split] = s
-        out.append(elements)
-    if problems:
-        raise DataError(problems)
-    return out[0], out[1], stats, train_examples
+    """Load, validate, aggregate and tokenize train and eval data; all problems raised together.
+    Returns (train elements, eval elements, stats, the training examples kept for normalisation)."""
+    kept = {}
 
+    def build(examples, split, files):
+        kept[split] = examples
+        elements, stats = build_elements(examples, cfg.rm, tokenizer, cfg.data.max_length, cfg.data.truncation,
+                                         evaluation=split == "eval")
+        if split == "train" and not elements:
+            raise DataError([f"{', '.join(files)}: labels: no comparisons found (the reward model needs "
+                             "pairwise, ranking or rating labels, or {prompt, chosen, rejected} rows)"])
+        return elements, stats
+
+    def validate(examples, split):  # a wrong label is an error, not a row to skip
+        validate_labels(examples, cfg.rm, evaluation=split == "eval")
+
+    train, evaluation, stats = prepare_splits(cfg.data, cfg.train.seed, "rm", build, validate)
+    return train, evaluation, stats, kept.get("train", [])
 
 
 def reference_sequences(cfg: RMConfig, tokenizer, train_examples: list[Example]) -> tuple[list[list[int]], str]:

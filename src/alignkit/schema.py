@@ -824,9 +824,9 @@ def feedback_counts(examples: list[Example]) -> dict[str, int]:
 # What each stage needs from a row (`alignkit data validate --stage`); dpo and kto are checked for
 # export to TRL's trainers.
 STAGE_NEEDS = {"sft": "demonstration", "rm": "comparison", "ppo": "prompt", "dpo": "preference pair",
-               "kto": "good/bad label or preference pair"}
+               "kto": "good/bad label or preference pair", "classifier": "good/bad label"}
 # The field a prompt-only row lacks, for each stage.
-_MISSING_FIELD = {"sft": "completion", "rm": "chosen", "dpo": "chosen", "kto": "label"}
+_MISSING_FIELD = {"sft": "completion", "rm": "chosen", "dpo": "chosen", "kto": "label", "classifier": "label"}
 ON_UNUSABLE = ("auto", "error", "skip")
 MAX_LISTED_ROWS = 5  # locations listed per reason
 
@@ -859,6 +859,7 @@ def unusable_reason(ex: Example, stage: str, evaluation: bool = False) -> tuple[
         "rm": _has_pair(ex, strict=False) or (evaluation and isinstance(ex.meta.get("gold"), list)),
         "dpo": _has_pair(ex, strict=True),
         "kto": "binary" in kinds or _has_pair(ex, strict=True),
+        "classifier": "binary" in kinds,
     }[stage]
     if usable:
         return None
@@ -961,3 +962,35 @@ def select_rows(examples: list[Example], stage: str, on_unusable: str = "auto", 
         print(account.line(), file=sys.stderr, flush=True)
     account.check(on_unusable, max_unusable_fraction)
     return used, account
+
+
+def prepare_splits(data, seed: int, stage: str, build, validate=None) -> tuple[list, list, dict]:
+    """A stage's train and eval items from ``data.train_files`` / ``data.eval_files``: each split is loaded,
+    its rows accounted for (:func:`select_rows`), and turned into items by ``build(examples, split, files)
+    -> (items, stats)``; ``validate(examples, split)`` first raises on labels that are wrong rather than
+    unusable. Every problem of both splits is raised together, before any model loads.
+    Returns (train items, eval items, {"rows": {split: account}, split: stats}).
+    """
+    problems, out, stats = [], [], {"rows": {}}
+    for split, files in (("train", data.train_files), ("eval", data.eval_files)):
+        items = []
+        if files:
+            try:
+                examples = load_examples(files, seed=seed)
+                if validate is not None:
+                    validate(examples, split)
+                try:
+                    examples, account = select_rows(examples, stage, data.on_unusable, data.max_unusable_fraction,
+                                                    split, evaluation=split == "eval")
+                except DataError as e:  # say what the files hold beside what the stage needs
+                    found = ", ".join(f"{n} {k}" for k, n in feedback_counts(examples).items() if n) or "no rows"
+                    raise DataError(e.problems + [f"{', '.join(files)}: labels: found {found}; {stage} needs a "
+                                                  f"{STAGE_NEEDS[stage]} in each row"]) from None
+                stats["rows"][split] = account.to_dict()
+                items, stats[split] = build(examples, split, files)
+            except DataError as e:
+                problems.extend(e.problems)
+        out.append(items)
+    if problems:
+        raise DataError(problems)
+    return out[0], out[1], stats

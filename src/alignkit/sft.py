@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from alignkit import engine
 from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, check_packing
 from alignkit.modeling import check_packing_window, count_parameters, load_model, load_tokenizer
-from alignkit.schema import DataError, demonstrations, load_examples, select_rows
+from alignkit.schema import DataError, demonstrations, prepare_splits
 from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
 
 
@@ -79,31 +79,17 @@ def make_loader(rows, batch_size, collate, seed, shuffle=True):
 def prepare_sft_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
     """Load, validate and tokenize train and eval data; every problem is reported before training.
     ``stats["rows"]`` accounts for every row read: used, or left out and why."""
-    problems, out, stats = [], [], {"rows": {}}
-    for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-        if not files:
-            out.append([])
-            continue
-        try:
-            examples, account = select_rows(load_examples(files, seed=cfg.train.seed), "sft", cfg.data.on_unusable,
-                                            cfg.data.max_unusable_fraction, split)
-            stats["rows"][split] = account.to_dict()
-            pairs = demonstrations(examples)
-            if not pairs:
-                raise DataError([f"{', '.join(files)}: labels: no demonstrations found "
-                                 "(SFT needs {prompt, completion}, {messages} or demonstration labels)"])
-            encoded, dropped = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.truncation)
-        except DataError as e:
-            problems.extend(e.problems)
-            out.append([])
-            continue
+    def build(examples, split, files):
+        pairs = demonstrations(examples)
+        if not pairs:
+            raise DataError([f"{', '.join(files)}: labels: no demonstrations found "
+                             "(SFT needs {prompt, completion}, {messages} or demonstration labels)"])
+        encoded, dropped = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.truncation)
         rows = sft_rows(encoded, cfg.data.max_length, cfg.data.packing)
-        stats[split] = {"examples": len(encoded), "dropped": dropped, "rows": len(rows),
-                        "answer_tokens": sum(len(e.answer_ids) for e in encoded)}
-        out.append(rows)
-    if problems:
-        raise DataError(problems)
-    return out[0], out[1], stats
+        return rows, {"examples": len(encoded), "dropped": dropped, "rows": len(rows),
+                      "answer_tokens": sum(len(e.answer_ids) for e in encoded)}
+
+    return prepare_splits(cfg.data, cfg.train.seed, "sft", build)
 
 
 def demonstration_batches(rows, batch_size: int, pad_token_id: int, seed: int):
