@@ -3,6 +3,7 @@
     alignkit ppo --config configs/ppo/tiny.yaml
     accelerate launch scripts/train_ppo.py --config configs/ppo/tiny.yaml
     accelerate launch --multi_gpu --num_processes 2 scripts/train_ppo.py --config configs/ppo/tiny.yaml
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_ppo.py --config ... --train.sharding=fsdp2
 
 From Python: ``train_ppo(load_config(PPOConfig, "configs/ppo/tiny.yaml",
 ["model.name_or_path=runs/sft-tiny/final", "reward.sources=[{name_or_path: runs/rm-tiny/final}]"]))``.
