@@ -180,12 +180,57 @@ def test_sharded_reward_model_matches_one_process(tmp_path):
     assert model.config.alignkit_reward["aspects"] == ["overall"]
 
 
-def test_ppo_under_sharding_is_a_config_error_naming_the_key(monkeypatch):
+def test_shared_base_ppo_under_sharding_is_a_config_error_naming_the_key(monkeypatch):
     from alignkit.ppo import PPOConfig
 
     path = os.path.join(ROOT, "configs/ppo/tiny_shared_base.yaml")
-    with pytest.raises(ConfigError, match="train.sharding: the PPO stage does not run under FSDP2 yet"):
+    with pytest.raises(ConfigError, match="ppo.shared_base: not under FSDP2 sharding"):
         load_config(PPOConfig, path, ["train.sharding=fsdp2"])
+    assert load_config(PPOConfig, path, ["train.sharding=fsdp2", "ppo.shared_base=false"]).train.sharding == "fsdp2"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an accelerate FSDP config alone
-    with pytest.raises(ConfigError, match="ppo.shared_base never will"):
+    with pytest.raises(ConfigError, match="its adapters switch on one base inside a step"):
         load_config(PPOConfig, path)
+
+
+@pytest.mark.slow
+def test_sharded_ppo_equals_ddp_and_saves_loadable_folders(tmp_path):
+    """train_ppo on builtin:tiny with the gold reward, 2 updates of 2 x 8 responses (accumulation 2, a checkpoint
+    after update 1): two FSDP2 processes (policy, value and reference sharded) log the same objective and end
+    with the same policy and value as two DDP processes with the same seeds, i.e. the same rollouts. The
+    final folders are ordinary Hugging Face models."""
+    common = [os.path.join(ROOT, "scripts/train_ppo.py"), "--config", os.path.join(ROOT, "configs/ppo/tiny.yaml"),
+              "--model.name_or_path=builtin:tiny", "--data.train_files=[builtin:prompts:train:32]",
+              "--data.eval_files=[builtin:prompts:eval:13]", "--ppo.eval_samples=13", "--ppo.rollout_batch_size=8",
+              "--train.per_device_batch_size=4", "--train.gradient_accumulation_steps=2", "--ppo.response_length=8",
+              "--ppo.ppo_epochs=1", "--train.max_steps=2", "--train.save_every=1", "--train.eval_every=0",
+              "--train.mixed_precision=no", "--log.progress=false"]
+    ddp = run([*LAUNCH, *common, f"--output_dir={tmp_path / 'ddp'}"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    two = run([*LAUNCH, *common, "--train.sharding=fsdp2", f"--output_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = json.load(open(tmp_path / "two" / "summary.json"))
+    assert summary["num_processes"] == 2 and summary["replica_max_abs_difference"] is None  # one sharded copy
+    # 13 held-out prompts, 7 + 6 per process with gathered weights; the policy is its (sharded) reference.
+    assert summary["eval_before"]["eval/responses"] == 13
+    assert summary["eval_before"]["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+    ckpt = tmp_path / "two" / "checkpoint-1"
+    assert json.load(open(ckpt / "sharding.json"))["world_size"] == 2  # a distributed checkpoint
+
+    def logged(d):
+        return [{k: v for k, v in m.items() if k != "time" and not k.startswith("time/")}
+                for m in map(json.loads, open(d / "metrics.jsonl"))]
+
+    sharded_log, ddp_log = logged(tmp_path / "two"), logged(tmp_path / "ddp")
+    assert [m["step"] for m in sharded_log] == [0, 1, 2, 2]  # eval before, 2 updates, eval after
+    assert sharded_log[2]["objective/kl"] != 0 and sharded_log[2]["loss/value"] > 0  # the update moved the policy
+    for mine, ref in zip(sharded_log, ddp_log):
+        assert mine == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    for folder, auto in (("final", AutoModelForCausalLM), ("final_value", AutoModelForSequenceClassification)):
+        ref = load_file(str(tmp_path / "ddp" / folder / "model.safetensors"))
+        final = load_file(str(tmp_path / "two" / folder / "model.safetensors"))
+        assert sorted(final) == sorted(ref)
+        for k in ref:
+            torch.testing.assert_close(final[k], ref[k], atol=1e-5, rtol=1e-4)
+        auto.from_pretrained(str(tmp_path / "two" / folder))

@@ -3,6 +3,7 @@
     alignkit ppo --config configs/ppo/tiny.yaml
     accelerate launch scripts/train_ppo.py --config configs/ppo/tiny.yaml
     accelerate launch --multi_gpu --num_processes 2 scripts/train_ppo.py --config configs/ppo/tiny.yaml
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_ppo.py --config ... --train.sharding=fsdp2
 
 From Python: ``train_ppo(load_config(PPOConfig, "configs/ppo/tiny.yaml",
 ["model.name_or_path=runs/sft-tiny/final", "reward.sources=[{name_or_path: runs/rm-tiny/final}]"]))``.
@@ -44,7 +45,7 @@ import math
 import os
 import resource
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional
 
@@ -215,10 +216,10 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
 
     def __post_init__(self):
-        if sharding.requested(self.train):  # train.sharding=fsdp2 or an accelerate FSDP config
-            raise ConfigError("train.sharding: the PPO stage does not run under FSDP2 yet (SFT and the reward model "
-                              "do; ppo.shared_base never will: its adapters switch on one base inside a step); use "
-                              "train.sharding=none with configs/accelerate/multi_gpu.yaml")
+        if sharding.requested(self.train) and self.ppo.shared_base:  # fsdp2, or an accelerate FSDP config
+            raise ConfigError("ppo.shared_base: not under FSDP2 sharding (train.sharding=fsdp2 or an accelerate FSDP "
+                              "config): its adapters switch on one base inside a step; use train.sharding=none with "
+                              "configs/accelerate/multi_gpu.yaml, or ppo.shared_base=false")
         minibatch = self.ppo.rollout_batch_size // self.ppo.num_minibatches
         if minibatch % self.train.gradient_accumulation_steps:
             raise ConfigError(f"train.gradient_accumulation_steps={self.train.gradient_accumulation_steps} does not "
@@ -381,8 +382,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
         reference = load_model(ref_cfg, task="causal-lm", trainable=False, path=ppo.reference or policy_path)
         disable_dropout(reference)
         reference.to(device)
-        # Same autocast as the policy (accelerate wraps forward; no DDP), so the KL starts at exactly 0.
-        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+        if sharding.requested(cfg.train):  # sharded like the policy (same bf16 policy): 1/N of it per process
+            reference = engine.shard(reference, accelerator, cfg.train)
+        else:  # same autocast as the policy (accelerate wraps forward; no DDP), so the KL starts at exactly 0
+            reference = accelerator.prepare_model(reference, evaluation_mode=True)
     # Critic-free estimators: no value model at all (neither loaded nor trained nor saved).
     value_model, value_note = (load_value_model(cfg, tokenizer, policy_path, reward, policy) if cfg.uses_critic
                                else (None, f"none (ppo.advantage={ppo.advantage})"))
@@ -395,6 +398,12 @@ def train_ppo(cfg: PPOConfig) -> dict:
         "-8bit" if cfg.model.load_in_8bit else "-4bit" if cfg.model.load_in_4bit else "")
     trainable_policy, total_policy = count_parameters(policy)
     trainable_value = count_parameters(value_model)[0] if value_model is not None else 0
+    # FSDP2 (train.sharding=fsdp2 or an accelerate FSDP config): policy and value sharded before the optimizer
+    # is built on their shards; each keeps 1/N of its weights, gradients and AdamW state per process.
+    policy = engine.shard(policy, accelerator, cfg.train)
+    if value_net is not None:
+        engine.shard(value_net, accelerator, cfg.train)
+    sharded = sharding.is_sharded(policy)
 
     # Schedule: one optimizer step per minibatch per PPO epoch; k samples of each prompt per update.
     k_samples = ppo.samples_per_prompt
@@ -414,7 +423,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
     # Shared base: the value and reward read the policy's module with other adapters switched on, which DDP
     # cannot follow; with several processes the gradients are averaged by hand instead (engine.average_gradients).
     hand_sync = ppo.shared_base and world > 1
-    if hand_sync:  # autocast (mixed precision) without DDP
+    if sharded:
+        pass  # FSDP2 reduces the gradients itself: neither model nor optimizer is handed to accelerate
+    elif hand_sync:  # autocast (mixed precision) without DDP
         policy = accelerator.prepare_model(policy, evaluation_mode=True)
         if value_model is not None:
             value_model = accelerator.prepare_model(value_model, evaluation_mode=True)
@@ -425,10 +436,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
         policy, optimizer = accelerator.prepare(policy, optimizer)
     raw_policy = accelerator.unwrap_model(policy)
     trained = {"policy": policy} if value_model is None else {"policy": policy, "value": value_model}
+    # A sharded checkpoint saves each optimizer with its model: the one optimizer spans policy and value.
+    checkpointed = {"model": torch.nn.ModuleDict(trained)} if sharded else trained
     kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
               else FixedKLController(ppo.kl_coef))
 
-    update, state, logger = engine.start_run(accelerator, cfg, trained, {"model": optimizer}, {"model": scheduler})
+    update, state, logger = engine.start_run(accelerator, cfg, checkpointed, {"model": optimizer},
+                                             {"model": scheduler})
     if state:
         kl_ctl.kl_coef = state["kl_coef"]
     if hand_sync:
@@ -438,8 +452,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
 
     def run_eval():
         raw_policy.eval()
-        return evaluate(raw_policy, reference, reward, eval_prompts, tokenizer, ppo.response_length, ppo.temperature,
-                        chunk, device, with_gold, cfg.train.seed + 12345, accelerator)
+        # Processes answer different numbers of held-out prompts: full weights, no collectives.
+        with engine.gathered(raw_policy), engine.gathered(reference) if reference is not None else nullcontext():
+            return evaluate(raw_policy, reference, reward, eval_prompts, tokenizer, ppo.response_length,
+                            ppo.temperature, chunk, device, with_gold, cfg.train.seed + 12345, accelerator)
 
     eval_before = run_eval() if eval_prompts and update == 0 else None
     if eval_before is not None:
@@ -464,8 +480,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
         raw_policy.eval()
 
         # 1. generate + 2. score + 3a. policy and reference log-probs (no grad)
-        r = rollout(raw_policy, reference, reward, batch_prompts, tokenizer, ppo.response_length, ppo.temperature,
-                    chunk, device, with_gold)
+        # Under FSDP2 the policy's full weights are gathered for the whole rollout: processes sample different
+        # numbers of tokens. The sharded reference sees the same number of log-prob passes on every process.
+        with engine.gathered(raw_policy):
+            r = rollout(raw_policy, reference, reward, batch_prompts, tokenizer, ppo.response_length,
+                        ppo.temperature, chunk, device, with_gold)
         t_rollout = time.time() - t0
         context_length = r.context_length
         b_scores = r.scores
@@ -503,7 +522,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     with ExitStack() as stack:
                         if k < accum - 1:  # gradients are all-reduced on the last micro-batch only
                             for m in trained.values():
-                                stack.enter_context(accelerator.no_sync(m))
+                                stack.enter_context(engine.no_sync(accelerator, m))
                         loss, stats = ppo_minibatch_loss(policy, value_model, mb, context_length, ppo,
                                                          kl_ctl.kl_coef)
                         step_metrics = stats.metrics()
@@ -555,22 +574,29 @@ def train_ppo(cfg: PPOConfig) -> dict:
         if eval_prompts and cfg.train.eval_every and update % cfg.train.eval_every == 0 and update < total_updates:
             logger.log(run_eval(), step=update)
         if cfg.train.save_every and update % cfg.train.save_every == 0 and update < total_updates:
-            engine.save_checkpoint(accelerator, cfg.output_dir, update, trained, {"model": optimizer},
+            engine.save_checkpoint(accelerator, cfg.output_dir, update, checkpointed, {"model": optimizer},
                                    {"model": scheduler}, {"kl_coef": kl_ctl.kl_coef}, keep=cfg.train.keep_checkpoints)
     bar.close()
     runtime = time.time() - start
 
-    # Processes must end with the same weights (DDP, or hand-averaged gradients in shared-base mode).
-    replica_diff = engine.replica_difference(train_params, accelerator)
+    # Processes must end with the same weights (DDP, or hand-averaged gradients in shared-base mode); sharded
+    # (FSDP2), each process holds its own slice of the one copy: nothing to compare.
+    replica_diff = None if sharded else engine.replica_difference(train_params, accelerator)
     eval_after = run_eval() if eval_prompts else None
     if eval_after is not None:
         logger.log(eval_after, step=update)
     accelerator.wait_for_everyone()
     final_dir = os.path.join(cfg.output_dir, "final")
     value_dir = os.path.join(cfg.output_dir, "final_value") if value_model is not None else None
-    if accelerator.is_main_process:
+    if sharded:  # full weights gathered on rank 0, written as the same Hugging Face folders
+        engine.save_final(accelerator, policy, tokenizer, final_dir, cfg.model)
+        value_state = engine.full_state(value_net) if value_net is not None else None
+        if accelerator.is_main_process and value_net is not None:
+            save_value(value_net, tokenizer, value_dir, value_state)
+    elif accelerator.is_main_process:
         save_policy_and_value(raw_policy, accelerator.unwrap_model(value_model) if value_model is not None else None,
                               tokenizer, final_dir, value_dir, cfg)
+    if accelerator.is_main_process:
         plot_metrics(cfg.output_dir)
     summary = {
         "stage": "ppo", "updates": update, "runtime_seconds": round(runtime, 2),
@@ -604,13 +630,19 @@ def save_policy_and_value(policy, value_model, tokenizer, final_dir: str, value_
     elif isinstance(value_model.model, AdapterHead):
         save_adapter_head(policy, value_model.model, value_dir, tokenizer)
     else:
-        os.makedirs(value_dir, exist_ok=True)
-        value_model.model.save_pretrained(value_dir, safe_serialization=True)
-        tokenizer.save_pretrained(value_dir)
+        save_value(value_model.model, tokenizer, value_dir)
     if is_peft(policy):  # final/ holds the policy's adapter only, not the shared value/reward adapters
         for name in [n for n in policy.peft_config if n != "default"]:
             policy.delete_adapter(name)
     save_model(policy, tokenizer, final_dir, cfg.model)
+
+
+def save_value(model, tokenizer, value_dir: str, state_dict: Optional[dict] = None) -> None:
+    """final_value/: the value model's sequence-classification model (or its LoRA adapter); ``state_dict``:
+    its full weights gathered from the shards."""
+    os.makedirs(value_dir, exist_ok=True)
+    model.save_pretrained(value_dir, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(value_dir)
 
 
 def _peak_rss_mb() -> float:

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
     set_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard, \
+    register_fsdp_forward_method
 
 from alignkit.config import ConfigError, TrainConfig
 
@@ -144,6 +145,10 @@ def shard_model(model: torch.nn.Module, accelerator, opts: ShardingSettings,
         for module in (backbone, *heads):
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)  # the rest: embeddings, final norm and a tied output head when not split above
+    if hasattr(model, "get_base_model"):
+        # peft's generate calls the inner model's, never the root's forward: without this the first layer to run
+        # would take itself for the root (FSDP2 lazy init) and the next training forward would fail.
+        register_fsdp_forward_method(model, "generate")
     return model
 
 
