@@ -298,6 +298,8 @@ def write_report(cfg: PipelineConfig) -> dict:
         if not os.path.isdir(need):
             raise ConfigError(f"report: {need} does not exist: run the earlier stages first")
     judge = cfg.report.judge
+    if judge == "@classifier":  # write_report called without wire()
+        judge = os.path.join(paths["classifier"], "final")
     if judge and not os.path.isdir(judge):
         if judge != os.path.join(paths["classifier"], "final"):
             raise ConfigError(f"report.judge: {judge} does not exist")
