@@ -13,7 +13,8 @@ import torch
 from alignkit.config import ConfigError, load_config
 from alignkit.engine import TrainingError
 from alignkit.modeling import ModelLoadError
-from alignkit.ppo import Minibatch, PPOConfig, ppo_minibatch_loss, train_ppo
+from alignkit.ppo import PPOConfig, train_ppo
+from alignkit.ppo_update import Minibatch, ppo_minibatch_loss
 from alignkit.rollout import left_pad, sequence_inputs, truncate_after_eos
 from alignkit.value import ValueModel
 from alignkit.rewards import ModelReward, RewardSourceConfig, build_reward

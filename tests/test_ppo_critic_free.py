@@ -13,7 +13,8 @@ import torch
 
 from alignkit.config import ConfigError, load_config
 from alignkit.losses import kl_loss, reinforce_pp_advantages
-from alignkit.ppo import PPOConfig, PPOSettings, compute_advantages, train_ppo
+from alignkit.ppo import PPOConfig, PPOSettings, train_ppo
+from alignkit.ppo_update import compute_advantages
 from alignkit.sft import SFTConfig, train_sft
 from test_ppo import tiny_cfg
 

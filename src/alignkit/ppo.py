@@ -47,31 +47,14 @@ import resource
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional
+from typing import List, Optional
 
 import torch
 
 from alignkit import engine, sharding
 from alignkit.adapters import AdapterHead, SharedBase, save_adapter_head
 from alignkit.config import ConfigError, DataConfig, LogConfig, ModelConfig, TrainConfig
-from alignkit.losses import (
-    AdaptiveKLController,
-    FixedKLController,
-    entropy_from_logits,
-    explained_variance,
-    gae_advantages,
-    grpo_advantages,
-    kl_loss,
-    kl_penalty,
-    masked_mean,
-    masked_whiten,
-    per_token_rewards,
-    policy_loss,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    sequence_kl,
-    value_loss,
-)
+from alignkit.losses import AdaptiveKLController, FixedKLController, explained_variance, kl_penalty, sequence_kl
 from alignkit.modeling import (
     check_reference_vocab,
     count_parameters,
@@ -83,12 +66,11 @@ from alignkit.modeling import (
     save_model,
 )
 from alignkit.plots import plot_metrics
+from alignkit.ppo_update import Minibatch, compute_advantages, ppo_minibatch_loss
 from alignkit.rewards import RewardSourceConfig, build_reward
-from alignkit.rollout import evaluate, forward_response, load_prompts, prompt_batch, rollout
-from alignkit.schema import DataError, demonstrations, load_examples
-from alignkit.sft import demonstration_batches, mean_token_loss
-from alignkit.tokenization import encode_pairs, sft_rows
-from alignkit.value import load_value_model
+from alignkit.rollout import evaluate, load_prompts, prompt_batch, rollout
+from alignkit.sft import demonstration_batches, demonstration_rows, mean_token_loss
+from alignkit.value import load_value_model, save_value
 
 
 ADVANTAGES = ("gae", "rloo", "grpo", "reinforce_pp")
@@ -236,109 +218,9 @@ class PPOConfig:
 # ----------------------------------------------------------------------------- training
 
 
-# ----------------------------------------------------------------------------- one PPO minibatch
-
-
-@dataclass
-class Minibatch:
-    """What a PPO epoch reads of the rollout: (B, P + R) sequence tensors and (B, R) per-response-token ones."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor  # rollout policy log-probs (the ratio's denominator)
-    ref_logprobs: torch.Tensor  # reference log-probs (ppo.kl_in_loss)
-    advantages: torch.Tensor
-    values: Optional[torch.Tensor] = None  # rollout values (the value clip's centre); None without a critic
-    returns: Optional[torch.Tensor] = None
-
-    def select(self, idx: torch.Tensor) -> "Minibatch":
-        return Minibatch(*(None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
-                           for f in dataclasses.fields(self)))
-
-
-class StepStats(NamedTuple):
-    """Statistics of one PPO minibatch step (logged averaged over the update); None: not computed."""
-
-    policy_loss: torch.Tensor
-    clipfrac: torch.Tensor
-    approx_kl: torch.Tensor
-    entropy: torch.Tensor
-    value_loss: Optional[torch.Tensor] = None
-    value_clipfrac: Optional[torch.Tensor] = None
-    kl_loss: Optional[torch.Tensor] = None
-
-    def metrics(self) -> dict:
-        named = {"loss/policy": self.policy_loss, "policy/clipfrac": self.clipfrac, "policy/approx_kl": self.approx_kl,
-                 "policy/entropy": self.entropy, "loss/value": self.value_loss, "value/clipfrac": self.value_clipfrac,
-                 "loss/kl": self.kl_loss}
-        return {k: v for k, v in named.items() if v is not None}
-
-
-def ppo_minibatch_loss(policy, value_model, mb: Minibatch, context_length: int, ppo: PPOSettings, kl_coef: float):
-    """Clipped policy loss [+ vf_coef * clipped value loss] [+ kl_coef * k3 KL] on one minibatch -> (loss, StepStats).
-
-    ``value_model`` is None for the critic-free estimators.
-    """
-    logits, new_logprobs = forward_response(policy, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                            context_length, ppo.temperature)
-    pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                                  ppo.clip_range)
-    with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits.float() / ppo.temperature), mb.response_mask)
-    loss, stats = pg_loss, StepStats(pg_loss.detach(), pg_clipfrac, approx_kl, entropy)
-    if value_model is not None:
-        new_values = value_model(mb.input_ids, mb.attention_mask, mb.position_ids)[:, context_length - 1:-1]
-        vf_loss, vf_clipfrac = value_loss(new_values, mb.values, mb.returns, mb.response_mask, ppo.clip_range_value)
-        loss = loss + ppo.vf_coef * vf_loss
-        stats = stats._replace(value_loss=vf_loss.detach(), value_clipfrac=vf_clipfrac)
-    if ppo.kl_in_loss:  # GRPO: beta * k3 KL to the reference in the loss, not in the reward
-        kl_term = kl_loss(new_logprobs, mb.ref_logprobs, mb.response_mask)
-        loss = loss + kl_coef * kl_term
-        stats = stats._replace(kl_loss=kl_term.detach())
-    return loss, stats
-
-
-def compute_advantages(ppo: PPOSettings, b_scores, b_kl, kl_coef: float, response_mask, b_values=None):
-    """Phase 4: per-token rewards, then the configured estimator -> (advantages, returns, non_score_reward).
-
-    Shapes: b_scores (B,), b_kl / response_mask / b_values (B, T). The reward is -kl_coef * KL on each
-    token plus the score on the last (with ppo.kl_in_loss the KL part is left out of it, but still
-    returned as non_score_reward). gae: GAE on the value model's values, whitened; rloo / grpo: one
-    advantage per response from its summed reward, given to each of its tokens; reinforce_pp:
-    whitened returns. ``returns`` is None without a critic.
-    """
-    b_rewards, b_non_score = per_token_rewards(b_scores, b_kl, kl_coef, response_mask)
-    if ppo.kl_in_loss:  # the KL penalty is logged (non_score_reward) but left out of the reward
-        b_rewards = b_rewards - b_non_score
-    if ppo.whiten_rewards:
-        b_rewards = masked_whiten(b_rewards, response_mask, shift_mean=False)
-    if ppo.advantage == "gae":
-        b_advantages, b_returns = gae_advantages(b_rewards, b_values, response_mask, ppo.gamma, ppo.lam)
-        return masked_whiten(b_advantages, response_mask), b_returns, b_non_score
-    if ppo.advantage == "reinforce_pp":
-        return reinforce_pp_advantages(b_rewards, response_mask, ppo.gamma), None, b_non_score
-    if ppo.advantage == "rloo":
-        per_response = rloo_advantages(b_rewards.sum(-1), ppo.samples_per_prompt)
-    else:
-        per_response = grpo_advantages(b_rewards.sum(-1), ppo.samples_per_prompt, ppo.scale_by_std)
-    mask = response_mask.bool()
-    return torch.where(mask, per_response[:, None], torch.zeros_like(b_rewards)), None, b_non_score
-
-
 def gold_available(cfg: PPOConfig) -> bool:
     """The built-in task's gold reward is known for its prompts (any built-in data kind)."""
     return all(f.startswith("builtin:") for f in cfg.data.train_files)
-
-
-def ptx_rows(cfg: PPOConfig, tokenizer) -> list[dict]:
-    """Demonstrations for PPO-ptx, prepared exactly as SFT prepares them (one example per row)."""
-    pairs = demonstrations(load_examples(cfg.ppo.ptx_files, seed=cfg.train.seed))
-    if not pairs:
-        raise DataError([f"{', '.join(cfg.ppo.ptx_files)}: labels: no demonstrations found for PPO-ptx"])
-    encoded, _ = encode_pairs(tokenizer, pairs, cfg.data.max_length + cfg.ppo.response_length, cfg.data.truncation)
-    return sft_rows(encoded, cfg.data.max_length + cfg.ppo.response_length, packing=False)
 
 
 # ----------------------------------------------------------------------------- training
@@ -356,7 +238,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
     eval_prompts, eval_rows = (load_prompts(cfg.data.eval_files, tokenizer, cfg.data, cfg.train.seed,
                                             limit=ppo.eval_samples, split="eval")
                                if cfg.data.eval_files and ppo.eval_samples else ([], None))
-    ptx = (ptx_rows(cfg, load_tokenizer(cfg.model, padding_side="right")) if ppo.ptx_coef > 0 else [])
+    ptx = (demonstration_rows(ppo.ptx_files, load_tokenizer(cfg.model, padding_side="right"),
+                              cfg.data.max_length + ppo.response_length, cfg.data.truncation, cfg.train.seed, "PPO-ptx")
+           if ppo.ptx_coef > 0 else [])
     with_gold = gold_available(cfg)
 
     # Reward sources (models are frozen, in eval mode), then policy, reference and value. In shared-base
@@ -635,14 +519,6 @@ def save_policy_and_value(policy, value_model, tokenizer, final_dir: str, value_
         for name in [n for n in policy.peft_config if n != "default"]:
             policy.delete_adapter(name)
     save_model(policy, tokenizer, final_dir, cfg.model)
-
-
-def save_value(model, tokenizer, value_dir: str, state_dict: Optional[dict] = None) -> None:
-    """final_value/: the value model's sequence-classification model (or its LoRA adapter); ``state_dict``:
-    its full weights gathered from the shards."""
-    os.makedirs(value_dir, exist_ok=True)
-    model.save_pretrained(value_dir, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(value_dir)
 
 
 def _peak_rss_mb() -> float:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from alignkit import engine
 from alignkit.config import DataConfig, LogConfig, ModelConfig, TrainConfig, check_packing
 from alignkit.modeling import check_packing_window, count_parameters, load_model, load_tokenizer
-from alignkit.schema import DataError, demonstrations, prepare_splits
+from alignkit.schema import DataError, demonstrations, load_examples, prepare_splits
 from alignkit.tokenization import IGNORE_INDEX, collate_sft, encode_pairs, sft_rows
 
 
@@ -90,6 +90,16 @@ def prepare_sft_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict],
                       "answer_tokens": sum(len(e.answer_ids) for e in encoded)}
 
     return prepare_splits(cfg.data, cfg.train.seed, "sft", build)
+
+
+def demonstration_rows(files: list[str], tokenizer, max_length: int, truncation: str, seed: int,
+                       what: str = "SFT") -> list[dict]:
+    """Demonstrations of ``files`` prepared exactly as SFT prepares them, one example per row (PPO-ptx)."""
+    pairs = demonstrations(load_examples(files, seed=seed))
+    if not pairs:
+        raise DataError([f"{', '.join(files)}: labels: no demonstrations found for {what}"])
+    encoded, _ = encode_pairs(tokenizer, pairs, max_length, truncation)
+    return sft_rows(encoded, max_length, packing=False)
 
 
 def demonstration_batches(rows, batch_size: int, pad_token_id: int, seed: int):

@@ -7,6 +7,8 @@ A separate sequence-classification model (full, or with LoRA), or in shared-base
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Optional
 
 import torch
 
@@ -118,3 +120,11 @@ def load_value_model(cfg, tokenizer, policy_path: str, reward, policy=None) -> t
         model.requires_grad_(True)
     disable_dropout(model)
     return ValueModel(model), note
+
+
+def save_value(model, tokenizer, value_dir: str, state_dict: Optional[dict] = None) -> None:
+    """final_value/: the value model's sequence-classification model (or its LoRA adapter); ``state_dict``:
+    its full weights gathered from the shards."""
+    os.makedirs(value_dir, exist_ok=True)
+    model.save_pretrained(value_dir, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(value_dir)
