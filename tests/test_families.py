@@ -44,7 +44,14 @@ class Runs:
 
     def _once(self, key, fn):
         if key not in self.done:
-            self.done[key] = fn()
+            # No matplotlib figures here (test_pipeline draws them): on 2 shared cores PPO's 12-panel curves.png
+            # alone took ~12 s per run, more than training these models; the numbers are what this matrix checks.
+            # Patched around each run only: a session-long patch would leave later test files without plots.
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr("alignkit.ppo.plot_metrics", lambda output_dir: None)
+                mp.setattr("alignkit.rm.plot_distributions", lambda dists, path: None)
+                mp.setattr("alignkit.pipeline.plot_report", lambda records, rep, path, ppo_dir: path)
+                self.done[key] = fn()
         return self.done[key]
 
     def attention(self, family):
@@ -106,13 +113,7 @@ class Runs:
 
 @pytest.fixture(scope="session")
 def runs(family_dirs, tmp_path_factory):
-    # No matplotlib figures here (test_pipeline draws them): on 2 shared cores PPO's 12-panel curves.png alone
-    # took ~12 s per run, more than training these models; the stages' numbers are what this matrix checks.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("alignkit.ppo.plot_metrics", lambda output_dir: None)
-        mp.setattr("alignkit.rm.plot_distributions", lambda dists, path: None)
-        mp.setattr("alignkit.pipeline.plot_report", lambda records, rep, path, ppo_dir: path)
-        yield Runs(str(tmp_path_factory.mktemp("family_runs")), family_dirs)
+    return Runs(str(tmp_path_factory.mktemp("family_runs")), family_dirs)
 
 
 def tokenizer_of(path, padding_side="right"):
@@ -188,7 +189,7 @@ def test_rm_eval_and_report(runs, family, tmp_path):
     assert json.loads((tmp_path / "rm_eval.json").read_text())["pairs"] == metrics["pairs"]
     cfg = load_config(PipelineConfig, data={
         "stages": ["report"], "output_dir": os.path.join(runs.root, family),
-        "report": {"num_prompts": 4, "samples_per_prompt": 1},
+        "report": {"num_prompts": 4, "samples_per_prompt": 1, "diagnostics_prompts": 2, "best_of_n": 4},
         "ppo": {"data": {"max_length": 64}, "train": {"per_device_batch_size": 4}, "ppo": {"response_length": 10}}})
     rep = write_report(cfg)
     assert rep["num_responses"] == 4 and 0.0 <= rep["ppo_win_rate_vs_sft"] <= 1.0
