@@ -31,7 +31,8 @@ overrides = [f"output_dir={OUT}", "sft.log.progress=false", "rm.log.progress=fal
 if FAST:
     overrides += ["sft.train.num_epochs=10", "rm.train.num_epochs=2",
                   "ppo.train.max_steps=15", "ppo.train.eval_every=0", "ppo.ppo.eval_samples=32",
-                  "report.num_prompts=64", "report.samples_per_prompt=1"]
+                  "report.num_prompts=64", "report.samples_per_prompt=1", "report.diagnostics_prompts=8",
+                  "report.best_of_n=8"]
 cfg = wire(alignkit.load_config(PipelineConfig, "../configs/pipeline/quickstart.yaml", overrides))
 print(cfg.sft.output_dir, cfg.rm.output_dir, cfg.ppo.output_dir)"""),
     md("""## The data: one schema for every kind of feedback
