@@ -260,6 +260,15 @@ def save_checkpoint(path: str, models: dict, optimizers: dict) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
+    state = _checkpoint_state(models, optimizers)
+    dcp.save(state, checkpoint_id=os.path.join(path, DCP_DIR))
+    if dist.get_rank() == 0:
+        with open(os.path.join(path, META_FILE), "w") as f:
+            json.dump({"engine": "fsdp2", "world_size": dist.get_world_size(), "models": sorted(models)}, f)
+
+
+def _checkpoint_state(models: dict, optimizers: dict) -> dict:
+    """The trainable sharded state of each model and its optimizer, as DCP saves and loads it."""
     state = {}
     for name, model in models.items():
         opt = optimizers.get(name)
@@ -268,10 +277,7 @@ def save_checkpoint(path: str, models: dict, optimizers: dict) -> None:
         state[name] = model_sd
         if opt is not None:
             state[f"{name}.optimizer"] = optim_sd
-    dcp.save(state, checkpoint_id=os.path.join(path, DCP_DIR))
-    if dist.get_rank() == 0:
-        with open(os.path.join(path, META_FILE), "w") as f:
-            json.dump({"engine": "fsdp2", "world_size": dist.get_world_size(), "models": sorted(models)}, f)
+    return state
 
 
 def load_checkpoint(path: str, models: dict, optimizers: dict) -> int:
@@ -289,14 +295,7 @@ def load_checkpoint(path: str, models: dict, optimizers: dict) -> int:
         meta = json.load(f)
     if sorted(models) != meta["models"]:
         raise TrainingError(f"{path}: holds models {meta['models']}, this run has {sorted(models)}")
-    state = {}
-    for name, model in models.items():
-        opt = optimizers.get(name)
-        model_sd, optim_sd = get_state_dict(model, [opt] if opt is not None else [],
-                                            options=StateDictOptions(ignore_frozen_params=True))
-        state[name] = model_sd
-        if opt is not None:
-            state[f"{name}.optimizer"] = optim_sd
+    state = _checkpoint_state(models, optimizers)
     dcp.load(state, checkpoint_id=os.path.join(path, DCP_DIR))
     for name, model in models.items():
         opt = optimizers.get(name)
