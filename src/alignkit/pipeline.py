@@ -34,7 +34,7 @@ from alignkit.modeling import disable_dropout, load_tokenizer, merge_lora
 from alignkit.plots import plot_report
 from alignkit.ppo import PPOConfig, PPOSettings, train_ppo
 from alignkit.rewards import RewardSourceConfig, build_reward
-from alignkit.rm import RMConfig, train_rm
+from alignkit.rm import RMConfig, ensemble_dirs, train_rm
 from alignkit.rm_eval import diagnose, write_diagnostics
 from alignkit.rollout import load_prompts, rollout
 from alignkit.sft import SFTConfig, train_sft
@@ -138,6 +138,10 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
         if online.ppo.reference:
             online.ppo.reference = sub(online.ppo.reference)
         for src in online.reward.sources:
+            if src.name_or_path == "@rm" and cfg.rm.rm.ensemble > 1 and not src.members:
+                # rm.ensemble: this pipeline's reward models, read as one conservative reward
+                leaf = "final_adapter" if online.ppo.shared_base and cfg.rm.model.lora.enabled else "final"
+                src.members = [os.path.join(d, leaf) for d in ensemble_dirs(cfg.rm)]
             src.name_or_path = sub(src.name_or_path, online.ppo.shared_base)
     for offline in (cfg.dpo.dpo, cfg.kto.kto):
         if offline.reference:

@@ -67,7 +67,7 @@ from alignkit.modeling import (
 )
 from alignkit.plots import plot_metrics
 from alignkit.ppo_update import Minibatch, compute_advantages, ppo_minibatch_loss
-from alignkit.rewards import RewardSourceConfig, build_reward
+from alignkit.rewards import EnsembleReward, RewardSourceConfig, build_reward
 from alignkit.rollout import evaluate, load_prompts, prompt_batch, rollout
 from alignkit.sft import demonstration_batches, demonstration_rows, mean_token_loss
 from alignkit.value import load_value_model, save_value
@@ -95,7 +95,8 @@ class PPOSettings:
     kl_coef: float = 0.05
     # Adapt beta so the KL per response tracks kl_target (Ziegler et al. 2019); false: fixed beta.
     adaptive_kl: bool = True
-    # Target KL (nats per response, of the estimator above) for the adaptive controller.
+    # Target KL of the adaptive controller, in nats per response: the k1 sum (log pi - log pi_ref over
+    # the response) that eval/kl and the pipeline report show, whatever kl_estimator the reward uses.
     kl_target: float = 6.0
     # Controller horizon in responses: beta moves at most 20% * batch / horizon per update.
     kl_horizon: int = 256
@@ -428,12 +429,17 @@ def train_ppo(cfg: PPOConfig) -> dict:
             m = {name: v / n_stats for name, v in stats_sum.items()}
             m.update({
                 "objective/score": b_scores.mean(),
-                "objective/kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, ppo.kl_estimator).mean(),
+                # k1 whatever kl_estimator: the KL the held-out evaluation and the pipeline report show
+                # (sum over the response of log pi - log pi_ref), so kl_target is in the units a user reads.
+                "objective/kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, "k1").mean(),
                 "objective/non_score_reward": b_non_score.sum(-1).mean(),
                 "objective/rlhf_reward": b_scores.mean() + b_non_score.sum(-1).mean(),
                 "rollout/response_length": r.response_mask.sum(-1).float().mean(),
                 "rollout/eos_share": r.ended.float().mean(),
             })
+            spreads = [src.spread.mean() for src in reward.sources if isinstance(src, EnsembleReward)]
+            if spreads:  # disagreement of the reward-model ensemble on this batch (std over members)
+                m["objective/ensemble_std"] = torch.stack(spreads).mean()
             if b_values is not None:
                 m["value/explained_variance"] = explained_variance(b_values, b_returns, r.response_mask)
             if with_gold:

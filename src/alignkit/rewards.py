@@ -12,7 +12,9 @@ A source is one of
 * a folder or Hub id of a sequence-classification reward model. A model saved by
   alignkit carries ``"alignkit_reward": {aspects, weights, offset, scale}`` in its
   config.json, and its score is ``sum_k weights_k * (raw_k - offset_k) / scale_k``;
-  any other HF reward model is read raw (one output, or several with ``aspects``).
+  any other HF reward model is read raw (one output, or several with ``aspects``);
+* an ensemble of such reward models (``members``, same aspects and tokenizer), read as one
+  conservative reward: mean - lambda * std over members, or their minimum (Coste et al. 2023).
 
 Reward models read *text*: the prompt goes through the reward model's own chat template
 and the response is re-tokenized with the reward model's tokenizer, so the reward model
@@ -30,7 +32,7 @@ import importlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, List, Optional
 
 import torch
@@ -43,9 +45,10 @@ from alignkit.adapters import (
     load_adapter_classifier,
     read_adapter_head,
 )
-from alignkit.modeling import DTYPES, ModelLoadError, backbone_and_head, head_outputs, resolve_path
+from alignkit.modeling import DTYPES, ModelLoadError, backbone_and_head, head_outputs, resolve_path, same_vocab
 from alignkit.tokenization import encode_answer, encode_prompt, right_pad
 
+ENSEMBLE_COMBINE = ("mean_minus_std", "min", "mean")
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -66,8 +69,22 @@ class RewardSourceConfig:
     max_length: int = 512
     dtype: str = "float32"
     trust_remote_code: bool = False
+    # A reward-model ensemble read as this one source (Coste et al. 2023): these folders, all with the
+    # same aspects and tokenizer (e.g. one reward model trained with k seeds); name_or_path only names
+    # it then. Each member's normalised reward is combined conservatively, per response:
+    members: List[str] = field(default_factory=list)
+    # mean_minus_std: mean - uncertainty_coef * std over members (uncertainty-weighted optimisation);
+    # min: the worst member (worst-case optimisation); mean: plain average.
+    combine: str = "mean_minus_std"
+    uncertainty_coef: float = 1.0
 
     def __post_init__(self):
+        if self.members and len(self.members) < 2:
+            raise ConfigError(f"reward.sources.members: an ensemble needs at least 2 reward models, got {self.members}")
+        if self.combine not in ENSEMBLE_COMBINE:
+            raise ConfigError(f"reward.sources.combine: must be one of {list(ENSEMBLE_COMBINE)}, got {self.combine!r}")
+        if self.uncertainty_coef < 0:
+            raise ConfigError(f"reward.sources.uncertainty_coef: must be >= 0, got {self.uncertainty_coef}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"reward.sources.dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.aspect_weights and self.aspects and len(self.aspect_weights) != len(self.aspects):
@@ -366,6 +383,45 @@ class ModelReward:
         return combined_reward(self.raw_scores(prompts, responses, ended), self.info)
 
 
+def combine_ensemble(scores: torch.Tensor, combine: str, coef: float = 1.0) -> torch.Tensor:
+    """(members, N) rewards -> (N,) conservative reward (Coste et al. 2023).
+
+    mean_minus_std: mean - coef * std (population std over members); min: the lowest member; mean.
+    """
+    if combine == "mean":
+        return scores.mean(0)
+    if combine == "min":
+        return scores.min(0).values
+    if combine == "mean_minus_std":
+        return scores.mean(0) - coef * scores.std(0, unbiased=False)
+    raise ConfigError(f"reward.sources.combine: must be one of {list(ENSEMBLE_COMBINE)}, got {combine!r}")
+
+
+class EnsembleReward:
+    """k reward models with the same aspects and tokenizer, read as one conservative reward.
+
+    Each member gives its own normalised, aspect-weighted reward (``ModelReward``); the ensemble
+    combines them per response with ``combine_ensemble``. ``spread`` keeps the last std over members.
+    """
+
+    def __init__(self, cfg: RewardSourceConfig, members: list["ModelReward"]):
+        self.name, self.cfg, self.members = cfg.name_or_path, cfg, members
+        first = members[0]
+        for m in members[1:]:
+            if m.aspects != first.aspects:
+                raise ConfigError(f"reward.sources.members: the ensemble's members disagree on aspects: "
+                                  f"{first.name} has {first.aspects}, {m.name} has {m.aspects}")
+            if not same_vocab(m.tokenizer, first.tokenizer) or m.pad_token_id != first.pad_token_id:
+                raise ConfigError(f"reward.sources.members: the ensemble's members disagree on the tokenizer: "
+                                  f"{first.name} and {m.name} (an ensemble reads one tokenization of each response)")
+        self.spread = torch.zeros(0)
+
+    def __call__(self, prompts, responses, ended=None) -> torch.Tensor:
+        scores = torch.stack([m(prompts, responses, ended) for m in self.members])
+        self.spread = scores.std(0, unbiased=False)
+        return combine_ensemble(scores, self.cfg.combine, self.cfg.uncertainty_coef)
+
+
 class WeightedReward:
     """Weighted sum of several sources; ``components`` keeps each source's last scores for logging."""
 
@@ -377,7 +433,8 @@ class WeightedReward:
         total = torch.zeros(len(responses))
         self.components = {}
         for src, w in zip(self.sources, self.weights):
-            s = src(prompts, responses, ended) if isinstance(src, ModelReward) else src(prompts, responses)
+            s = (src(prompts, responses, ended) if isinstance(src, (ModelReward, EnsembleReward))
+                 else src(prompts, responses))
             if s.shape != total.shape:
                 raise ModelLoadError(f"reward source {src.name}: {tuple(s.shape)} scores for {len(responses)} responses")
             self.components[src.name] = s
@@ -386,7 +443,8 @@ class WeightedReward:
 
     @property
     def models(self) -> list[ModelReward]:
-        return [s for s in self.sources if isinstance(s, ModelReward)]
+        return [m for s in self.sources if isinstance(s, (ModelReward, EnsembleReward))
+                for m in (s.members if isinstance(s, EnsembleReward) else [s])]
 
 
 def is_function_spec(spec: str) -> bool:
@@ -410,6 +468,11 @@ def build_reward(sources: list[RewardSourceConfig], device="cpu", batch_size: in
             if cfg.name_or_path not in ("builtin:tiny", "builtin:small"):
                 raise ConfigError(f"reward.sources.name_or_path: unknown built-in {cfg.name_or_path!r} "
                                   "(builtin:gold is the built-in task's reward function)")
+        if cfg.members:
+            members = [ModelReward(replace(cfg, name_or_path=m, members=[]), device=device, batch_size=batch_size,
+                                   shared_base=shared_base) for m in cfg.members]
+            built.append(EnsembleReward(cfg, members))
+            continue
         built.append(load_function(cfg.name_or_path) if is_function_spec(cfg.name_or_path)
                      else ModelReward(cfg, device=device, batch_size=batch_size, shared_base=shared_base))
     return WeightedReward(built, [c.weight for c in sources])

@@ -27,7 +27,7 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -133,7 +133,29 @@ def normalization_stats(model, sequences, pad_token_id) -> tuple[list[float], li
 # ----------------------------------------------------------------------------- training
 
 
+def ensemble_dirs(cfg: RMConfig) -> list[str]:
+    """Output folders of the ``rm.ensemble`` reward models: output_dir, then output_dir/member_<i>."""
+    return [cfg.output_dir] + [os.path.join(cfg.output_dir, f"member_{i}") for i in range(1, cfg.rm.ensemble)]
+
+
 def train_rm(cfg: RMConfig) -> dict:
+    """Train the reward model (``rm.ensemble`` > 1: that many, one seed each); returns the first's summary."""
+    if cfg.rm.ensemble == 1:
+        return train_one_rm(cfg)
+    summaries = []
+    for i, out in enumerate(ensemble_dirs(cfg)):
+        member = replace(cfg, output_dir=out, rm=replace(cfg.rm, ensemble=1),
+                         train=replace(cfg.train, seed=cfg.train.seed + i))
+        summaries.append(train_one_rm(member))
+    first = summaries[0]
+    first["ensemble"] = [{"final_dir": s["final_dir"], "seed": cfg.train.seed + i, "eval": s["eval"]}
+                         for i, s in enumerate(summaries)]
+    if int(os.environ.get("RANK", "0")) == 0:  # the processes have finished (train_one_rm waits for all)
+        engine.write_json(os.path.join(cfg.output_dir, "summary.json"), first)
+    return first
+
+
+def train_one_rm(cfg: RMConfig) -> dict:
     accelerator = engine.make_accelerator(cfg.train, cfg.log, cfg.output_dir)
     engine.seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)

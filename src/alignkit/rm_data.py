@@ -59,6 +59,10 @@ class RewardSettings:
     normalize_on: List[str] = field(default_factory=list)
     # At most this many answers are scored for the normalisation statistics.
     normalize_max_examples: int = 1000
+    # Train this many reward models, seeds train.seed, train.seed + 1, ...: output_dir/final and
+    # output_dir/member_<i>/final. A pipeline's @rm reward then reads them as one conservative reward
+    # (reward.sources.members, combine; Coste et al. 2023); elsewhere list the folders in members.
+    ensemble: int = 1
 
     def __post_init__(self):
         choices = {"margin": ("none", "label", *MARGIN_TABLES), "ties": ("drop", "equal"),
@@ -67,6 +71,8 @@ class RewardSettings:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"rm.{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.ensemble < 1:
+            raise ConfigError(f"rm.ensemble: the number of reward models must be >= 1, got {self.ensemble}")
         if not self.aspects or len(set(self.aspects)) != len(self.aspects):
             raise ConfigError(f"rm.aspects: need at least one aspect and no duplicates, got {list(self.aspects)}")
         if self.aspect_weights and len(self.aspect_weights) != len(self.aspects):
