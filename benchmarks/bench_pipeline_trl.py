@@ -55,6 +55,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -62,7 +63,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import emit, print_table, run_child  # noqa: E402
+from common import RESULT_PREFIX, emit, print_table, run_child  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -101,6 +102,9 @@ def parse_args(argv=None):
                         "models and barely moves this tiny one")
     p.add_argument("--trl-python", default=TRL112_PYTHON, help="interpreter with trl==1.12 (PPO)")
     p.add_argument("--workdir", default=None, help="outputs and logs (default: runs/bench_pipeline_trl[_<task>])")
+    p.add_argument("--resume", action="store_true",
+                   help="keep each seed's finished alignkit pipeline (and its 2x re-run) in --workdir, found by\n"
+                        "its log's result line; everything after it (TRL, evaluation, KL-matched) runs again")
     p.add_argument("--report", metavar="RESULTS_JSON", nargs="+",
                    help="print the tables of earlier runs (several results.json: their seeds are pooled)")
     p.add_argument("--child", choices=["alignkit", "eval"], help=argparse.SUPPRESS)
@@ -352,21 +356,40 @@ def run_trl_pipeline(args, settings, ak, d, variant, sampler, seed, env, logs) -
     return runs
 
 
-def rerun_alignkit_ppo(me, base, ak_dir, name, seed, updates, ppo_set, sampler, env, logs) -> tuple[dict, dict]:
+def rerun_alignkit_ppo(me, base, ak_dir, name, seed, updates, ppo_set, sampler, env, logs,
+                       resume: bool = False) -> tuple[dict, dict]:
     """alignkit's PPO stage again from the SFT policy and reward model in ``ak_dir`` (linked, not copied).
 
     ``updates`` PPO updates, ``ppo_set`` extra ``ppo.*`` overrides (e.g. ``ppo.kl_target=2.3``).
     Returns the child's result and the evaluation job of the new policy.
     """
     d = os.path.join(base, name)
+    job = {"name": name, "sft": f"{ak_dir}/sft/final", "ppo": f"{d}/ppo/final", "rm": f"{ak_dir}/rm/final"}
+    log = f"{logs}/{name}-seed{seed}.log"
+    done = finished_child(log) if resume else None
+    if done is not None and os.path.exists(job["ppo"]):
+        return done, job
+    shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d, exist_ok=True)
     for stage in ("sft", "rm"):
         os.symlink(os.path.join(ak_dir, stage), os.path.join(d, stage))
     sampler.phase(f"{name} seed {seed}")
     res = run_child([*me, "--child", "alignkit", "--out", d, "--seed", str(seed), "--ppo-updates", str(updates),
-                     *[a for kv in ppo_set for a in ("--ppo-set", kv)]], f"{logs}/{name}-seed{seed}.log", env)
+                     *[a for kv in ppo_set for a in ("--ppo-set", kv)]], log, env)
     sampler.phase(None)
-    return res, {"name": name, "sft": f"{ak_dir}/sft/final", "ppo": f"{d}/ppo/final", "rm": f"{ak_dir}/rm/final"}
+    return res, job
+
+
+def finished_child(log_path: str) -> dict | None:
+    """--resume: the result line of a child that already finished (its log), or None. Its peak memory
+    is not in the log (it came from wait4), so it reads NaN."""
+    if not os.path.exists(log_path):
+        return None
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        lines = [line[len(RESULT_PREFIX):] for line in f.read().splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        return None
+    return {**json.loads(lines[-1]), "peak_rss_mb": float("nan"), "wall_seconds": float("nan"), "resumed": True}
 
 
 KL_MATCHED = "alignkit_kl_matched"
@@ -447,6 +470,13 @@ def main(argv=None) -> None:
     settings = trl_settings(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} \
         if args.threads > 0 else dict(os.environ)
+    # The TRL workers read the task's data and gold through alignkit: its source on every child's path.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "src"), env.get("PYTHONPATH")) if p)
+    check = subprocess.run([args.trl_python, "-c", "import trl.experimental.ppo, alignkit.schema, alignkit.tasks"],
+                           env=env, capture_output=True, text=True)
+    if check.returncode != 0:  # before any pipeline runs, not after an hour of them
+        raise SystemExit(f"{args.trl_python}: cannot import TRL 1.12's PPO or alignkit with PYTHONPATH="
+                         f"{env['PYTHONPATH']}:\n{check.stderr[-2000:]}")
     sampler = LoadSampler()
     sampler.start()
     me = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--threads", str(args.threads)]
@@ -455,13 +485,21 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         r = results["seeds"][seed] = {}
         base = os.path.join(work, f"seed{seed}")
-        shutil.rmtree(base, ignore_errors=True)
         ak_dir = os.path.join(base, "alignkit")
-        print(f"[{time.time() - started:6.0f}s] seed {seed}: alignkit pipeline -> {ak_dir}", flush=True)
-        sampler.phase(f"alignkit seed {seed}")
-        ak = r["alignkit"] = run_child([*me, "--child", "alignkit", "--out", ak_dir, "--seed", str(seed)],
-                                       f"{logs}/alignkit-seed{seed}.log", env)
-        sampler.phase(None)
+        ak = finished_child(f"{logs}/alignkit-seed{seed}.log") if args.resume else None
+        if ak is None:
+            shutil.rmtree(base, ignore_errors=True)
+            print(f"[{time.time() - started:6.0f}s] seed {seed}: alignkit pipeline -> {ak_dir}", flush=True)
+            sampler.phase(f"alignkit seed {seed}")
+            ak = run_child([*me, "--child", "alignkit", "--out", ak_dir, "--seed", str(seed)],
+                           f"{logs}/alignkit-seed{seed}.log", env)
+            sampler.phase(None)
+        else:
+            print(f"[{time.time() - started:6.0f}s] seed {seed}: alignkit pipeline reused from {ak_dir}", flush=True)
+            for stale in os.listdir(base):  # everything after the alignkit pipeline runs again
+                if stale != "alignkit" and not (stale.startswith("alignkit_") and stale.endswith("x")):
+                    shutil.rmtree(os.path.join(base, stale), ignore_errors=True)
+        r["alignkit"] = ak
         print(f"         alignkit: {ak['seconds']} = {ak['total_seconds']} s, {ak['ppo_updates']} PPO updates",
               flush=True)
         jobs = [{"name": "alignkit", "sft": f"{ak_dir}/sft/final", "ppo": f"{ak_dir}/ppo/final",
@@ -470,7 +508,8 @@ def main(argv=None) -> None:
         if args.long_factor > 1:
             print(f"[{time.time() - started:6.0f}s] alignkit PPO, {args.long_factor}x the updates", flush=True)
             r[f"alignkit{long}"], job = rerun_alignkit_ppo(me, base, ak_dir, f"alignkit{long}", seed,
-                                                           args.long_factor * ak["ppo_updates"], [], sampler, env, logs)
+                                                           args.long_factor * ak["ppo_updates"], [], sampler, env, logs,
+                                                           resume=args.resume)
             jobs.append(job)
         for variant in variants:
             d = os.path.join(base, f"trl_{variant}")

@@ -93,6 +93,7 @@ def run_seed(args, seed: int) -> dict:
     runs = [(v, 1) for v in args.variants.split(",")]
     if args.long_factor:
         runs += [(v, args.long_factor) for v in args.long_variants.split(",")]
+    runs.sort(key=lambda r: r[0] == "single")  # last: with --reuse, bench_pipeline_trl may have run them by then
     for variant, factor in runs:
         name = f"{variant}_x{factor}"
         done = (os.path.join(reused, "ppo", "final") if factor == 1 else

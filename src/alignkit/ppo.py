@@ -104,6 +104,12 @@ class PPOSettings:
     # shrinking while the KL sits under its target (early on, or once the reward model saturates),
     # so a long run loses its brake; with one, kl_target acts as a ceiling the controller enforces.
     kl_coef_min: Optional[float] = None
+    # Early stop of an update (target_kl of Spinning Up and Stable-Baselines3 PPO): before each optimizer
+    # step after the first, the minibatch's approx KL to the rollout policy (k2, mean per response token,
+    # averaged over processes) is checked; above this, the update's remaining steps are skipped. On a
+    # flat (saturated) reward, whitened advantages are mostly noise and the epochs can run away in one
+    # update (approx KL 30-300x its median); the policy saved at the end is then a spike. null: off.
+    max_update_kl: Optional[float] = None
     # PPO clip range of the probability ratio.
     clip_range: float = 0.2
     # Clip range of the value update around the rollout values.
@@ -166,6 +172,8 @@ class PPOSettings:
             raise ConfigError("ppo.temperature: must be > 0 (log-probs are taken at the sampling temperature)")
         if self.response_length < 1:
             raise ConfigError("ppo.response_length: must be >= 1")
+        if self.max_update_kl is not None and self.max_update_kl <= 0:
+            raise ConfigError(f"ppo.max_update_kl: must be > 0 (or null: no early stop), got {self.max_update_kl}")
         if self.adaptive_kl and self.kl_target <= 0:
             raise ConfigError("ppo.kl_target: must be > 0 with ppo.adaptive_kl")
         if self.kl_coef_min is not None and not 0 <= self.kl_coef_min <= self.kl_coef:
@@ -225,6 +233,15 @@ def gold_available(cfg: PPOConfig) -> bool:
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def update_kl_exceeded(approx_kl: torch.Tensor, ppo: PPOSettings, accelerator) -> bool:
+    """ppo.max_update_kl: has this update moved the policy too far from the rollout policy? The same
+    answer on every process (the approx KL is averaged over them), so all stop at the same step."""
+    if ppo.max_update_kl is None:
+        return False
+    kl = accelerator.reduce(approx_kl.detach().float().reshape(1).to(accelerator.device), "mean")
+    return kl.item() > ppo.max_update_kl
 
 
 def train_ppo(cfg: PPOConfig) -> dict:
@@ -397,11 +414,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
         b = Minibatch(r.input_ids, r.attention_mask, r.position_ids, r.response_mask, r.logprobs, r.ref_logprobs,
                       b_advantages, b_values, b_returns)
         stats_sum: dict[str, torch.Tensor] = {}
-        n_stats = 0
+        n_stats, steps_taken, early_stop = 0, 0, False
         for _ in range(ppo.ppo_epochs):
             b_order = torch.randperm(ppo.rollout_batch_size)
             for mb_start in range(0, ppo.rollout_batch_size, minibatch_size):
                 mb_order = b_order[mb_start:mb_start + minibatch_size]
+                if early_stop:
+                    break
                 for k in range(accum):
                     mb = b.select(mb_order[k * micro_size:(k + 1) * micro_size].to(device))
                     with ExitStack() as stack:
@@ -410,6 +429,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
                                 stack.enter_context(engine.no_sync(accelerator, m))
                         loss, stats = ppo_minibatch_loss(policy, value_model, mb, context_length, ppo,
                                                          kl_ctl.kl_coef)
+                        if k == 0 and steps_taken > 0 and update_kl_exceeded(stats.approx_kl, ppo, accelerator):
+                            early_stop = True  # before this minibatch's backward: no gradient is left half-made
+                            break
                         step_metrics = stats.metrics()
                         if ptx_batches is not None:  # PPO-ptx (InstructGPT eq. 2)
                             ptx_loss = mean_token_loss(policy, next(ptx_batches), device)
@@ -420,9 +442,14 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     for name, v in step_metrics.items():
                         stats_sum[name] = stats_sum.get(name, 0.0) + v.float()
                     n_stats += 1
+                if early_stop:
+                    break
                 if hand_sync:
                     engine.average_gradients(train_params, accelerator)
                 engine.optimizer_step(accelerator, train_params, optimizer, scheduler, cfg.train.max_grad_norm)
+                steps_taken += 1
+            if early_stop:
+                break
 
         # Statistics of this update, averaged over processes.
         with torch.no_grad():
@@ -434,6 +461,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 "objective/kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, "k1").mean(),
                 "objective/non_score_reward": b_non_score.sum(-1).mean(),
                 "objective/rlhf_reward": b_scores.mean() + b_non_score.sum(-1).mean(),
+                "policy/update_steps": torch.tensor(float(steps_taken)),  # optimizer steps (fewer: early stop)
                 "rollout/response_length": r.response_mask.sum(-1).float().mean(),
                 "rollout/eos_share": r.ended.float().mean(),
             })
