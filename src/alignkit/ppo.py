@@ -109,7 +109,7 @@ class PPOSettings:
     # averaged over processes) is checked; above this, the update's remaining steps are skipped. On a
     # flat (saturated) reward, whitened advantages are mostly noise and the epochs can run away in one
     # update (approx KL 30-300x its median); the policy saved at the end is then a spike. null: off.
-    max_update_kl: Optional[float] = None
+    max_update_kl: Optional[float] = 0.02
     # PPO clip range of the probability ratio.
     clip_range: float = 0.2
     # Clip range of the value update around the rollout values.
