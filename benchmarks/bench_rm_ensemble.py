@@ -62,7 +62,7 @@ def run_seed(args, seed: int) -> dict:
     from alignkit.config import load_config, parse_overrides
     from alignkit.pipeline import PipelineConfig, compare_policies, summarize, wire
     from alignkit.ppo import train_ppo
-    from alignkit.rm import ensemble_dirs, train_one_rm
+    from alignkit.rm import ensemble_member, train_one_rm
     from alignkit.sft import train_sft
 
     base = os.path.join(args.workdir, f"seed{seed}")
@@ -81,13 +81,13 @@ def run_seed(args, seed: int) -> dict:
         train_sft(cfg.sft)
     seconds["sft"] = time.time() - t
     members = []
-    for i, d in enumerate(ensemble_dirs(cfg.rm)):
+    for i in range(args.k):
+        member = ensemble_member(cfg.rm, i)
         t = time.time()
-        if not os.path.exists(os.path.join(d, "final")):
-            train_one_rm(dataclasses.replace(cfg.rm, output_dir=d, rm=dataclasses.replace(cfg.rm.rm, ensemble=1),
-                                             train=dataclasses.replace(cfg.rm.train, seed=cfg.rm.train.seed + i)))
+        if not os.path.exists(os.path.join(member.output_dir, "final")):
+            train_one_rm(member)
         seconds[f"rm_member_{i}"] = time.time() - t
-        members.append(os.path.join(d, "final"))
+        members.append(os.path.join(member.output_dir, "final"))
     updates = cfg.ppo.train.max_steps
     policies = {}
     runs = [(v, 1) for v in args.variants.split(",")]

@@ -419,8 +419,6 @@ def train_ppo(cfg: PPOConfig) -> dict:
             b_order = torch.randperm(ppo.rollout_batch_size)
             for mb_start in range(0, ppo.rollout_batch_size, minibatch_size):
                 mb_order = b_order[mb_start:mb_start + minibatch_size]
-                if early_stop:
-                    break
                 for k in range(accum):
                     mb = b.select(mb_order[k * micro_size:(k + 1) * micro_size].to(device))
                     with ExitStack() as stack:

@@ -138,15 +138,19 @@ def ensemble_dirs(cfg: RMConfig) -> list[str]:
     return [cfg.output_dir] + [os.path.join(cfg.output_dir, f"member_{i}") for i in range(1, cfg.rm.ensemble)]
 
 
+def ensemble_member(cfg: RMConfig, i: int) -> RMConfig:
+    """The config of the ensemble's i-th reward model: its own folder and seed train.seed + i."""
+    return replace(cfg, output_dir=ensemble_dirs(cfg)[i], rm=replace(cfg.rm, ensemble=1),
+                   train=replace(cfg.train, seed=cfg.train.seed + i))
+
+
 def train_rm(cfg: RMConfig) -> dict:
     """Train the reward model (``rm.ensemble`` > 1: that many, one seed each); returns the first's summary."""
     if cfg.rm.ensemble == 1:
         return train_one_rm(cfg)
     summaries = []
-    for i, out in enumerate(ensemble_dirs(cfg)):
-        member = replace(cfg, output_dir=out, rm=replace(cfg.rm, ensemble=1),
-                         train=replace(cfg.train, seed=cfg.train.seed + i))
-        summaries.append(train_one_rm(member))
+    for i in range(cfg.rm.ensemble):
+        summaries.append(train_one_rm(ensemble_member(cfg, i)))
     first = summaries[0]
     first["ensemble"] = [{"final_dir": s["final_dir"], "seed": cfg.train.seed + i, "eval": s["eval"]}
                          for i, s in enumerate(summaries)]
