@@ -1,5 +1,10 @@
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import warnings
 
 import pytest
 
@@ -7,6 +12,52 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(cmd, timeout=300, env=None, attempts=2):
+    """Run a command that may start several processes (`accelerate launch`, a CLI run) in its own
+    process group. `accelerate launch` gets a free port, so tests never meet another job's
+    rendezvous. Past `timeout` seconds the whole group is killed; a hang is tried once more (on a
+    new port) with a warning carrying the hung run's output, and a second hang fails the test with
+    it: a hang costs one test, never the whole suite. A run that ends, passing or failing, is
+    returned as it is."""
+    cmd = [str(c) for c in cmd]
+    for attempt in range(1, attempts + 1):
+        run = cmd
+        if len(cmd) > 1 and os.path.basename(cmd[0]) == "accelerate" and cmd[1] == "launch":
+            run = [cmd[0], "launch", "--main_process_port", str(free_port()), *cmd[2:]]
+        proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(run, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            out, err = proc.communicate()
+            report = (f"{' '.join(run[:6])} ... did not finish in {timeout} s (attempt {attempt} of {attempts})\n"
+                      f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}")
+            if attempt == attempts:
+                pytest.fail(report)
+            print(report, file=sys.__stderr__, flush=True)  # in the CI log even when warnings are off
+            warnings.warn(report)
+        finally:
+            _kill_group(proc.pid)  # workers a crashed launcher left behind
+
+
+def _kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
 def write_jsonl(path, rows):

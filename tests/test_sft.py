@@ -3,7 +3,6 @@ LoRA / 8-bit / 4-bit, loads real model folders, logs, and runs as two processes.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from alignkit.config import load_config
 from alignkit.modeling import ModelLoadError
 from alignkit.sft import SFTConfig, train_sft
-from conftest import ROOT
+from conftest import ACCELERATE, ROOT, run_processes
 
 TINY = os.path.join(ROOT, "configs/sft/tiny.yaml")
 
@@ -129,14 +128,12 @@ def test_cli_and_accelerate_script_two_processes_match_one(tmp_path):
     """Same global batch (8 = 1 x 8 = 2 x 4): the two-process loss curve equals the one-process one."""
     common = ["--config", TINY, "--train.max_steps=6", "--train.log_every=1", "--train.mixed_precision=no",
               "--log.progress=false", "--data.eval_files=[builtin:sft:eval:32]"]
-    one = subprocess.run([sys.executable, "-m", "alignkit.cli", "sft", *common, f"--output_dir={tmp_path / 'one'}"],
-                         capture_output=True, text=True)
+    one = run_processes([sys.executable, "-m", "alignkit.cli", "sft", *common, f"--output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-2000:]
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    two = run_processes([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no",
                           os.path.join(ROOT, "scripts/train_sft.py"), *common, "--train.per_device_batch_size=4",
-                          f"--output_dir={tmp_path / 'two'}"], capture_output=True, text=True)
+                          f"--output_dir={tmp_path / 'two'}"])
     assert two.returncode == 0, two.stderr[-2000:]
     s2 = json.load(open(tmp_path / "two" / "summary.json"))
     assert s2["num_processes"] == 2

@@ -6,7 +6,6 @@ their unsharded copies, and bad sharding options stop the run with a message nam
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from alignkit import engine, sharding
 from alignkit.config import ConfigError, TrainConfig, load_config
 from alignkit.sft import SFTConfig, train_sft
-from conftest import ROOT
+from conftest import ROOT, run_processes
 
 TINY = os.path.join(ROOT, "configs/sft/tiny.yaml")
 LAUNCH = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
@@ -26,8 +25,7 @@ COMMON = ["--config", TINY, "--train.max_steps=6", "--train.log_every=1", "--tra
 
 
 def run(cmd, env=None):
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    return out
+    return run_processes(cmd, env=env)
 
 
 def losses(d):

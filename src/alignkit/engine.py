@@ -32,6 +32,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_loopback_for_gloo() -> None:
+    """Processes launched on one machine talk over loopback. Otherwise gloo binds the address the
+    host name resolves to, and where that address is firewalled (containers, CI sandboxes, VPNs)
+    the processes wait on each other until the 30-minute collective timeout instead of failing.
+    Multi-machine runs and a GLOO_SOCKET_IFNAME the user set are left alone."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if not world or world != local or int(world) < 2:
+        return
+    import socket
+
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return
+    loopback = next((n for n in ("lo", "lo0") if n in names), None)
+    if loopback is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
+
+
 def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
     """An Accelerator with the run's trackers; JSONL metrics are always written by MetricsLogger."""
     from accelerate import Accelerator
@@ -54,6 +75,7 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
     os.makedirs(output_dir, exist_ok=True)
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_DIR", output_dir)
+    use_loopback_for_gloo()  # before accelerate creates the process group
     acc = Accelerator(
         # Without an accelerator, say cpu=True: otherwise `accelerate launch --multi_gpu` on a CPU
         # machine starts N independent single-process runs instead of one gloo group.
