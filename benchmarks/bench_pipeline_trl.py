@@ -68,6 +68,7 @@ from common import RESULT_PREFIX, emit, print_table, run_child  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 TRL112_PYTHON = "/work/venv-trl112/bin/python"
+TRL_KL_COEF = 0.05  # TRL 1.12 PPOConfig.kl_coef default
 
 
 def parse_args(argv=None):
@@ -92,19 +93,25 @@ def parse_args(argv=None):
                         "so that alignkit's KL lands at or below TRL's; one run, no retries. 0: skip.\n"
                         "0.9, not 0.93: in the hand-made seed-0 run the held-out KL overshot its target by 7%%\n"
                         "(target 2.4 -> 2.56), so 0.93 would be break-even")
-    p.add_argument("--kl-match-trl", default=None, metavar="NAME",
-                   help="the TRL run whose KL is matched (default: the first, e.g. trl_capped)")
+    p.add_argument("--kl-match-trl", default="best", metavar="NAME",
+                   help="the TRL run whose KL is matched: a name (e.g. trl_capped_b0.2), or best (default):\n"
+                        "per seed, the TRL run (learning rate x beta) with the highest held-out gold gain")
     p.add_argument("--trl-ppo-lr", type=float, nargs="+", default=None,
                    help="TRL PPO learning rate(s), one TRL PPO run per rate from the same TRL SFT and reward\n"
                         "model. Default: the quickstart's ppo.train.learning_rate. Measured with the earlier\n"
                         "quickstart: of 1e-4, 3e-4, 1e-3, TRL did best at 3e-4 (at 1e-3 it often collapses onto a\n"
                         "reward-model blind spot). TRL's own default 3e-6 is for pretrained billion-parameter\n"
                         "models and barely moves this tiny one")
+    p.add_argument("--trl-kl-coef", type=float, nargs="+", default=[TRL_KL_COEF],
+                   help="TRL PPO's fixed KL coefficient(s) beta, one TRL PPO run per value (x each learning\n"
+                        "rate) from the same TRL SFT and reward model; TRL 1.12's default is 0.05. With a\n"
+                        "sweep, --kl-match-trl best compares alignkit with TRL at its best beta")
     p.add_argument("--trl-python", default=TRL112_PYTHON, help="interpreter with trl==1.12 (PPO)")
     p.add_argument("--workdir", default=None, help="outputs and logs (default: runs/bench_pipeline_trl[_<task>])")
     p.add_argument("--resume", action="store_true",
-                   help="keep each seed's finished alignkit pipeline (and its 2x re-run) in --workdir, found by\n"
-                        "its log's result line; everything after it (TRL, evaluation, KL-matched) runs again")
+                   help="keep what already finished in --workdir, found by its log's result line: each seed's\n"
+                        "alignkit pipeline (and its 2x re-run), TRL's SFT and reward model, and TRL PPO runs\n"
+                        "with the same name; the rest (other TRL PPO runs, evaluation, KL-matched) runs again")
     p.add_argument("--report", metavar="RESULTS_JSON", nargs="+",
                    help="print the tables of earlier runs (several results.json: their seeds are pooled)")
     p.add_argument("--child", choices=["alignkit", "eval"], help=argparse.SUPPRESS)
@@ -220,7 +227,7 @@ def rm_gold_accuracy(path: str, max_length: int, pairs: list[str]) -> float:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignkit import rewards, rm, rm_data, rm_eval
+    from alignkit import rewards, rm_data, rm_eval
     from alignkit.schema import load_examples
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -326,7 +333,8 @@ class LoadSampler(threading.Thread):
 def run_trl_pipeline(args, settings, ak, d, variant, sampler, seed, env, logs) -> dict:
     """TRL SFT -> RM (TRL 1.16) -> PPO (TRL 1.12) under alignkit's budget.
 
-    Returns {name: per-stage results}, one name per PPO learning rate (SFT and RM shared).
+    Returns {name: per-stage results}, one name per PPO learning rate x KL coefficient (SFT and RM
+    shared). With --resume, finished stages (their log's result line, their folder) are kept.
     """
     worker = os.path.join(HERE, "trl_pipeline_worker.py")
     scale = args.budget_scale
@@ -335,22 +343,31 @@ def run_trl_pipeline(args, settings, ak, d, variant, sampler, seed, env, logs) -
     out = {}
     budgets = {"sft": ak["seconds"]["sft"] * scale if capped else 1e9,
                "rm": ak["seconds"]["rm"] * scale if capped else 1e9}
+
+    def stage(cmd, log, folder):
+        done = finished_child(log) if args.resume else None
+        if done is not None and os.path.exists(folder):
+            print(f"         {os.path.basename(log)[:-4]}: reused from {folder}", flush=True)
+            return done
+        return run_child(cmd, log, env)
+
     sampler.phase(f"trl-{variant} seed {seed}")
-    out["sft"] = run_child([sys.executable, worker, "--stage", "sft", "--out", f"{d}/sft",
-                            "--budget", str(budgets["sft"]), *common], f"{logs}/trl-{variant}-sft.log", env)
-    out["rm"] = run_child([sys.executable, worker, "--stage", "rm", "--sft", f"{d}/sft", "--out", f"{d}/rm",
-                           "--budget", str(budgets["rm"]), *common], f"{logs}/trl-{variant}-rm.log", env)
+    out["sft"] = stage([sys.executable, worker, "--stage", "sft", "--out", f"{d}/sft",
+                        "--budget", str(budgets["sft"]), *common], f"{logs}/trl-{variant}-sft.log", f"{d}/sft")
+    out["rm"] = stage([sys.executable, worker, "--stage", "rm", "--sft", f"{d}/sft", "--out", f"{d}/rm",
+                       "--budget", str(budgets["rm"]), *common], f"{logs}/trl-{variant}-rm.log", f"{d}/rm")
     if capped:  # the rest of alignkit's total
         ppo_budget = ak["total_seconds"] * scale - out["sft"]["seconds"] - out["rm"]["seconds"]
     else:
         ppo_budget = ak["seconds"]["ppo"] * scale
     runs = {}
-    for lr in trl_lrs(args, settings):
-        name = trl_name(variant, lr, args, settings)
-        ppo = run_child([args.trl_python, worker, "--stage", "ppo", "--sft", f"{d}/sft", "--rm", f"{d}/rm",
-                         "--out", f"{d}/ppo_lr{lr:g}", "--budget", str(ppo_budget), "--lr", str(lr),
-                         "--extend", str(args.long_factor), *common], f"{logs}/{name}-ppo.log", env)
-        ppo["budget"], ppo["dir"] = ppo_budget, f"{d}/ppo_lr{lr:g}"
+    for lr, beta in trl_grid(args, settings):
+        name = trl_name(variant, lr, beta, args, settings)
+        folder = f"{d}/ppo_lr{lr:g}" + ("" if beta == TRL_KL_COEF else f"_b{beta:g}")
+        ppo = stage([args.trl_python, worker, "--stage", "ppo", "--sft", f"{d}/sft", "--rm", f"{d}/rm",
+                     "--out", folder, "--budget", str(ppo_budget), "--lr", str(lr), "--kl-coef", str(beta),
+                     "--extend", str(args.long_factor), *common], f"{logs}/{name}-ppo.log", f"{folder}/ppo_1x")
+        ppo["budget"], ppo["dir"], ppo["kl_coef"] = ppo_budget, folder, beta
         runs[name] = {**out, "ppo": ppo, "budgets": {**budgets, "ppo": ppo_budget}}
     sampler.phase(None)
     return runs
@@ -401,7 +418,7 @@ def kl_matched_run(args, me, base, ak_dir, ak, r, trl_names, seed, sampler, env,
     The same updates as alignkit's own PPO (so about its seconds; the measured seconds are reported
     next to the original ones), one run, whatever KL it lands at.
     """
-    match = args.kl_match_trl or trl_names[0]
+    match = best_trl(r, trl_names) if args.kl_match_trl == "best" else args.kl_match_trl
     if match not in r["eval"]:
         raise SystemExit(f"--kl-match-trl {match}: no such TRL run (have {trl_names})")
     trl_kl = r["eval"][match]["ppo"]["kl_to_sft"]
@@ -445,8 +462,20 @@ def trl_lrs(args, settings) -> list[float]:
     return list(args.trl_ppo_lr) if args.trl_ppo_lr else [settings["ppo_lr"]]
 
 
-def trl_name(variant: str, lr: float, args, settings) -> str:
-    return f"trl_{variant}" if len(trl_lrs(args, settings)) == 1 else f"trl_{variant}_lr{lr:g}"
+def trl_grid(args, settings) -> list[tuple[float, float]]:
+    """TRL PPO runs: every learning rate x every KL coefficient."""
+    return [(lr, beta) for lr in trl_lrs(args, settings) for beta in args.trl_kl_coef]
+
+
+def trl_name(variant: str, lr: float, beta: float, args, settings) -> str:
+    """trl_<variant>, plus _lr<lr> when several rates are swept and _b<beta> when beta is not TRL's default."""
+    return (f"trl_{variant}" + ("" if len(trl_lrs(args, settings)) == 1 else f"_lr{lr:g}")
+            + ("" if beta == TRL_KL_COEF else f"_b{beta:g}"))
+
+
+def best_trl(r: dict, trl_names: list[str]) -> str:
+    """The TRL run of this seed with the highest held-out gold gain (its best beta and rate)."""
+    return max(trl_names, key=lambda n: r["eval"][n]["gold_gain_in_sft_std"])
 
 
 def main(argv=None) -> None:
@@ -494,11 +523,8 @@ def main(argv=None) -> None:
             ak = run_child([*me, "--child", "alignkit", "--out", ak_dir, "--seed", str(seed)],
                            f"{logs}/alignkit-seed{seed}.log", env)
             sampler.phase(None)
-        else:
+        else:  # later stages decide for themselves what they reuse
             print(f"[{time.time() - started:6.0f}s] seed {seed}: alignkit pipeline reused from {ak_dir}", flush=True)
-            for stale in os.listdir(base):  # everything after the alignkit pipeline runs again
-                if stale != "alignkit" and not (stale.startswith("alignkit_") and stale.endswith("x")):
-                    shutil.rmtree(os.path.join(base, stale), ignore_errors=True)
         r["alignkit"] = ak
         print(f"         alignkit: {ak['seconds']} = {ak['total_seconds']} s, {ak['ppo_updates']} PPO updates",
               flush=True)
@@ -529,7 +555,8 @@ def main(argv=None) -> None:
         r["eval"] = run_child([*me, "--child", "eval", "--jobs", json.dumps(jobs)], f"{logs}/eval-seed{seed}.log",
                               env)
         sampler.phase(None)
-        results["trl_names"] = [trl_name(v, lr, args, settings) for v in variants for lr in trl_lrs(args, settings)]
+        results["trl_names"] = [trl_name(v, lr, beta, args, settings) for v in variants
+                                for lr, beta in trl_grid(args, settings)]
         if args.kl_match > 0:
             kl_matched_run(args, me, base, ak_dir, ak, r, results["trl_names"], seed, sampler, env, logs, started)
         results["load"] = sampler.report()
@@ -587,19 +614,19 @@ def print_kl_matched(results) -> None:
             cols[k].append(v)
         rows.append([str(seed), f"{vals['d_gain']:+.2f} / {vals['d_kl']:.3f}",
                      f"{vals['gain']:+.2f} / {vals['kl']:.3f} (target {vals['target']:.2f})",
-                     f"{vals['trl_gain']:+.2f} / {vals['trl_kl']:.3f}", secs(vals),
+                     f"{vals['trl_gain']:+.2f} / {vals['trl_kl']:.3f} ({m['trl']})", secs(vals),
                      verdict(vals["gain"], vals["kl"], vals["trl_gain"], vals["trl_kl"])])
     mean = {k: _mean(v) for k, v in cols.items()}
     if len(rows) > 1:
         rows.append(["mean", f"{mean['d_gain']:+.2f} / {mean['d_kl']:.3f}",
                      f"{mean['gain']:+.2f} / {mean['kl']:.3f} (target {mean['target']:.2f})",
-                     f"{mean['trl_gain']:+.2f} / {mean['trl_kl']:.3f}", secs(mean),
+                     f"{mean['trl_gain']:+.2f} / {mean['trl_kl']:.3f} (per seed)", secs(mean),
                      verdict(mean["gain"], mean["kl"], mean["trl_gain"], mean["trl_kl"])])
     first = next(iter(results["seeds"].values()))["kl_match"]
     print(f"\nKL-matched: alignkit's PPO re-run from its own SFT and reward model, same updates, "
-          f"kl_target = {first['fraction']:g} x {first['trl']}'s held-out KL of that seed "
-          f"(gain in SFT std / KL to SFT):\n")
-    print_table(rows, ["seed", "alignkit default", "alignkit KL-matched", first["trl"],
+          f"kl_target = {first['fraction']:g} x the held-out KL of that seed's matched TRL run "
+          f"(--kl-match-trl; best: its highest gold gain) (gain in SFT std / KL to SFT):\n")
+    print_table(rows, ["seed", "alignkit default", "alignkit KL-matched", "TRL (matched run)",
                        "PPO s matched / default", "ahead at no larger KL"])
     print("  (PPO s: the PPO stage's wall seconds, model loading to saving; the re-run starts in a fresh process,\n"
           "   the default run's PPO follows SFT and RM in a warm one. loop: the update loop alone.)")

@@ -251,7 +251,7 @@ def run_ppo(args, s: dict) -> dict:
         missing_eos_penalty=args.missing_eos_penalty,
         # TRL 1.12 defaults (RLHF.md): kl_coef 0.05, k1, cliprange 0.2/0.2, vf_coef 0.1, gamma 1, lam 0.95,
         # 4 PPO epochs, no reward whitening; bf16 autocast (TRL's default).
-        num_ppo_epochs=s["ppo_epochs"], kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2,
+        num_ppo_epochs=s["ppo_epochs"], kl_coef=args.kl_coef, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2,
         vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=False, bf16=True,
         # Not TRL defaults: its 3e-6 is for pretrained billion-parameter models and does not move a
         # random-init tiny model in minutes; this is alignkit's quickstart rate, kept constant (as in
@@ -261,7 +261,7 @@ def run_ppo(args, s: dict) -> dict:
         num_sample_generations=0,  # no greedy sample printing inside the budget
         total_episodes=batch * 100000,  # the budget callback ends the run
     )
-    result: dict = {"stage": "ppo", "settings": f"trl.experimental.ppo.PPOTrainer lr={args.lr} constant, bf16, "
+    result: dict = {"stage": "ppo", "settings": f"trl.experimental.ppo.PPOTrainer lr={args.lr} constant, kl_coef={args.kl_coef}, bf16, "
                                                 f"stop_token=eos, missing_eos_penalty={args.missing_eos_penalty}"}
     trainer = None
     update_ends: list[float] = []
@@ -325,6 +325,7 @@ def main():
     p.add_argument("--extend", type=int, default=0, help="ppo: also train on to this many times the updates "
                    "(out/ppo_<K>x); 0: stop at the budget")
     p.add_argument("--lr", type=float, default=1e-3, help="ppo learning rate")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="ppo: fixed KL coefficient beta (TRL 1.12's default 0.05)")
     p.add_argument("--missing-eos-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
