@@ -92,3 +92,17 @@ def test_kl_target_not_positive_is_a_config_error(target):
 
     with pytest.raises(ConfigError, match="ppo.kl_target: must be > 0"):
         load_config(PPOConfig, os.path.join(ROOT, "configs/ppo/tiny.yaml"), [f"ppo.kl_target={target}"])
+
+
+def test_a_check_broken_by_the_command_line_blames_the_command_line_not_the_file(tmp_path):
+    """A section's own check (__post_init__) that fails only because of an override names the command
+    line; the same bad value in the YAML names the file."""
+    from alignkit.ppo import PPOConfig
+
+    tiny = os.path.join(ROOT, "configs/ppo/tiny.yaml")
+    with pytest.raises(ConfigError, match=r"^command line: ppo.max_update_kl: must be > 0"):
+        load_config(PPOConfig, tiny, ["ppo.max_update_kl=0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  max_update_kl: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: ppo.max_update_kl: must be > 0"):
+        load_config(PPOConfig, str(bad), ["train.max_steps=1"])

@@ -219,7 +219,7 @@ def load_config(cls: Type[T], path: str | None = None, overrides: list[str] | No
         raw = {**raw, **data}
     try:
         schema = OmegaConf.structured(cls)
-        merged = OmegaConf.merge(schema, OmegaConf.create(_lists_from_single(cls, raw)))
+        from_file = merged = OmegaConf.merge(schema, OmegaConf.create(_lists_from_single(cls, raw)))
         if overrides:
             try:
                 dotlist = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
@@ -229,13 +229,28 @@ def load_config(cls: Type[T], path: str | None = None, overrides: list[str] | No
             except (TypeError, ValueError) as e:  # e.g. "key.0.field=..." into a list of sections
                 raise ConfigError(f"command line: {' '.join(overrides)}: {e} (a list is set whole, e.g. "
                                   "--reward.sources='[{name_or_path: builtin:gold}]', not item by item)") from None
-        return OmegaConf.to_object(merged)
+        try:
+            return OmegaConf.to_object(merged)  # runs each section's checks (__post_init__)
+        except ConfigError as e:
+            if overrides and _builds(from_file):  # the file alone is fine: an override broke it
+                raise ConfigError(f"command line: {e}") from None
+            raise
     except ConfigError as e:
         if str(e).startswith("command line"):
             raise
         raise ConfigError(f"{where}: {e}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {_omega_msg(e)}") from None
+
+
+def _builds(conf) -> bool:
+    from omegaconf import OmegaConf
+
+    try:
+        OmegaConf.to_object(conf)
+        return True
+    except Exception:
+        return False
 
 
 def _lists_from_single(cls, raw):
