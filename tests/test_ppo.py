@@ -5,6 +5,7 @@ Run: pytest -q tests/test_ppo.py          (the gold-reward gain test is in tests
 
 import json
 import os
+import re
 import textwrap
 
 import pytest
@@ -435,33 +436,45 @@ def test_ppo_ptx_mixes_in_the_sft_loss(tmp_path):
         tiny_cfg(tmp_path, "ppo.ptx_coef=0.5")
 
 
-def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path):
-    """An RM whose token ids differ from the policy's: scored on its own tokens; value falls back to the policy."""
+def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, capsys):
+    """An RM whose token ids differ from the policy's: scored on its own tokens; value falls back to the policy.
+    One that cannot read the prompts (its vocabulary lacks their words) gets a warning before training."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
     from alignkit.builtin import CHAT_TEMPLATE, ROLE_TOKENS, SPECIAL, vocabulary
 
+    def word_level_rm(words, path):
+        wl = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=SPECIAL["unk"]))
+        wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=wl, pad_token=SPECIAL["pad"], bos_token=SPECIAL["bos"],
+                                      eos_token=SPECIAL["eos"], unk_token=SPECIAL["unk"],
+                                      additional_special_tokens=ROLE_TOKENS)
+        tok.chat_template = CHAT_TEMPLATE
+        torch.manual_seed(0)
+        rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                        pad_token_id=tok.pad_token_id))
+        rm.save_pretrained(path)
+        tok.save_pretrained(path)
+        return tok
+
     words = vocabulary()
-    words = words[:4] + words[4:][::-1]  # same words, other ids
-    wl = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=SPECIAL["unk"]))
-    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=wl, pad_token=SPECIAL["pad"], bos_token=SPECIAL["bos"],
-                                  eos_token=SPECIAL["eos"], unk_token=SPECIAL["unk"],
-                                  additional_special_tokens=ROLE_TOKENS)
-    tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
-                                                    num_hidden_layers=1, num_attention_heads=2, num_labels=1,
-                                                    pad_token_id=tok.pad_token_id))
-    rm.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    tok = word_level_rm(words[:4] + words[4:][::-1], tmp_path / "rm")  # same words, other ids
     reward = ModelReward(RewardSourceConfig(name_or_path=str(tmp_path / "rm")))
     ids = reward.encode("review the pizza", "the pizza was great .")
     assert ids[-1] == tok.eos_token_id and ids[-6:-1] == tok("the pizza was great .")["input_ids"]
     cfg = tiny_cfg(tmp_path, "train.max_steps=1",
                    data={"reward": {"sources": [{"name_or_path": str(tmp_path / "rm")}]}})
     assert train_ppo(cfg)["value_init"] == "policy"
+    assert "unknown token" not in capsys.readouterr().out
+    # A reward model that knows only a few of the words: said before training, with the share.
+    word_level_rm(words[:4] + [w for w in words[4:] if w in ("the", "was", ".")] + ROLE_TOKENS, tmp_path / "rm_few")
+    cfg = tiny_cfg(tmp_path, "train.max_steps=1",
+                   data={"reward": {"sources": [{"name_or_path": str(tmp_path / "rm_few")}]}})
+    train_ppo(cfg)
+    assert re.search(r"warning: reward model .*rm_few: \d+\.\d% of the tokens of the training prompts are its "
+                     r"tokenizer's unknown token", capsys.readouterr().out)
 
 
 # ----------------------------------------------------------------------------- reward model on the shared base

@@ -70,10 +70,12 @@ from alignkit.ppo_update import Minibatch, compute_advantages, ppo_minibatch_los
 from alignkit.rewards import EnsembleReward, RewardSourceConfig, build_reward
 from alignkit.rollout import evaluate, load_prompts, prompt_batch, rollout
 from alignkit.sft import demonstration_batches, demonstration_rows, mean_token_loss
+from alignkit.tokenization import unknown_token_share
 from alignkit.value import load_value_model, save_value
 
 
 ADVANTAGES = ("gae", "rloo", "grpo", "reinforce_pp")
+UNKNOWN_TOKEN_WARN = 0.01  # share of <unk> tokens in the prompts, read by a reward model, worth a warning
 
 
 @dataclass
@@ -275,6 +277,12 @@ def train_ppo(cfg: PPOConfig) -> dict:
             if not m.shared:
                 accelerator.print(f"ppo.shared_base: reward model {m.name} is not a LoRA adapter of the policy's base "
                                   f"({policy_path}): loaded as its own network")
+    for m in reward.models:  # a reward model with its own tokenizer reads the policy's text retokenized
+        share = unknown_token_share(m.tokenizer, [" ".join(str(t["content"]) for t in p.example.messages) for p in train_prompts[:256]])
+        if share > UNKNOWN_TOKEN_WARN:
+            accelerator.print(f"warning: reward model {m.name}: {share:.1%} of the tokens of the training prompts are "
+                              f"its tokenizer's unknown token {m.tokenizer.unk_token!r}: it cannot read what it "
+                              "scores (a reward model trained on other text, or on another tokenizer's vocabulary)")
     if ppo.reference is not None:
         check_reference_vocab(tokenizer, policy, ppo.reference, cfg.model)
     if cfg.model.lora.enabled and ppo.reference is None:
