@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -595,6 +596,15 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _se(xs):
+    """Standard error of the mean over seeds (sample std / sqrt(n))."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
 def print_kl_matched(results) -> None:
     """Per seed and mean: alignkit default, alignkit KL-matched and TRL, gain in SFT std / held-out KL."""
     def secs(v):
@@ -622,6 +632,9 @@ def print_kl_matched(results) -> None:
                      f"{mean['gain']:+.2f} / {mean['kl']:.3f} (target {mean['target']:.2f})",
                      f"{mean['trl_gain']:+.2f} / {mean['trl_kl']:.3f} (per seed)", secs(mean),
                      verdict(mean["gain"], mean["kl"], mean["trl_gain"], mean["trl_kl"])])
+        se = {k: _se(v) for k, v in cols.items()}
+        rows.append(["SE", f"{se['d_gain']:.2f} / {se['d_kl']:.3f}", f"{se['gain']:.2f} / {se['kl']:.3f}",
+                     f"{se['trl_gain']:.2f} / {se['trl_kl']:.3f}", "", ""])
     first = next(iter(results["seeds"].values()))["kl_match"]
     print(f"\nKL-matched: alignkit's PPO re-run from its own SFT and reward model, same updates, "
           f"kl_target = {first['fraction']:g} x the held-out KL of that seed's matched TRL run "
