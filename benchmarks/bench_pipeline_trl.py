@@ -459,6 +459,15 @@ def verdict(gain, kl, trl_gain, trl_kl) -> str:
     return "tie"
 
 
+def ahead(v: dict) -> str:
+    """The verdict for alignkit's default run, else for its KL-matched run: the default pipeline counts
+    when it is already ahead at no larger KL (the KL-matched run exists for when its KL is larger)."""
+    if verdict(v["d_gain"], v["d_kl"], v["trl_gain"], v["trl_kl"]) == "alignkit":
+        return "alignkit (default)"
+    matched = verdict(v["gain"], v["kl"], v["trl_gain"], v["trl_kl"])
+    return "alignkit (KL-matched)" if matched == "alignkit" else matched
+
+
 def trl_lrs(args, settings) -> list[float]:
     return list(args.trl_ppo_lr) if args.trl_ppo_lr else [settings["ppo_lr"]]
 
@@ -625,13 +634,13 @@ def print_kl_matched(results) -> None:
         rows.append([str(seed), f"{vals['d_gain']:+.2f} / {vals['d_kl']:.3f}",
                      f"{vals['gain']:+.2f} / {vals['kl']:.3f} (target {vals['target']:.2f})",
                      f"{vals['trl_gain']:+.2f} / {vals['trl_kl']:.3f} ({m['trl']})", secs(vals),
-                     verdict(vals["gain"], vals["kl"], vals["trl_gain"], vals["trl_kl"])])
+                     ahead(vals)])
     mean = {k: _mean(v) for k, v in cols.items()}
     if len(rows) > 1:
         rows.append(["mean", f"{mean['d_gain']:+.2f} / {mean['d_kl']:.3f}",
                      f"{mean['gain']:+.2f} / {mean['kl']:.3f} (target {mean['target']:.2f})",
                      f"{mean['trl_gain']:+.2f} / {mean['trl_kl']:.3f} (per seed)", secs(mean),
-                     verdict(mean["gain"], mean["kl"], mean["trl_gain"], mean["trl_kl"])])
+                     ahead(mean)])
         se = {k: _se(v) for k, v in cols.items()}
         rows.append(["SE", f"{se['d_gain']:.2f} / {se['d_kl']:.3f}", f"{se['gain']:.2f} / {se['kl']:.3f}",
                      f"{se['trl_gain']:.2f} / {se['trl_kl']:.3f}", "", ""])
