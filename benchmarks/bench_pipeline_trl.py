@@ -654,6 +654,30 @@ def print_kl_matched(results) -> None:
           "   the default run's PPO follows SFT and RM in a warm one. loop: the update loop alone.)")
 
 
+def print_best_beta(results) -> None:
+    """One TRL setting for every seed: the TRL run (beta x rate) with the highest mean gain over the
+    seeds, against alignkit's default, mean +- SE over seeds (gain in SFT std / KL to SFT)."""
+    seeds = list(results["seeds"].values())
+    trl = [n for n in results["trl_names"] if all(n in s["eval"] for s in seeds)]
+    if not trl:
+        return
+
+    def stats(name):
+        g = [s["eval"][name]["gold_gain_in_sft_std"] for s in seeds]
+        k = [s["eval"][name]["ppo"]["kl_to_sft"] for s in seeds]
+        return _mean(g), _se(g), _mean(k), _se(k)
+
+    best = max(trl, key=lambda n: stats(n)[0])
+    rows = []
+    for name in ["alignkit", *trl]:
+        g, gse, k, kse = stats(name)
+        rows.append([name + (" (TRL's best)" if name == best else ""), f"{g:+.2f} +- {gse:.2f}", f"{k:.2f} +- {kse:.2f}"])
+    a, b = stats("alignkit"), stats(best)
+    print(f"\nEvery TRL setting over the {len(seeds)} seed(s), mean +- SE (TRL's best = highest mean gain):\n")
+    print_table(rows, ["pipeline", "gain (SFT std)", "KL to SFT"])
+    print(f"  alignkit default vs TRL at its best setting ({best}): {verdict(a[0], a[2], b[0], b[2])}")
+
+
 def print_report(results, args) -> None:
     seeds = list(results["seeds"].values())
     long = f"_{args.long_factor}x" if args.long_factor > 1 else None
@@ -704,6 +728,7 @@ def print_report(results, args) -> None:
                 f"{s['eval'][name]['ppo']['kl_to_sft']:.1f}" for s in seeds))
     if KL_MATCHED in names:
         print_kl_matched(results)
+    print_best_beta(results)
     print("\nTRL stage details (first seed):")
     s0 = seeds[0]
     for v in results["trl_names"]:
