@@ -277,8 +277,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
             if not m.shared:
                 accelerator.print(f"ppo.shared_base: reward model {m.name} is not a LoRA adapter of the policy's base "
                                   f"({policy_path}): loaded as its own network")
+    prompt_texts = [" ".join(str(t["content"]) for t in p.example.messages) for p in train_prompts[:256]]
     for m in reward.models:  # a reward model with its own tokenizer reads the policy's text retokenized
-        share = unknown_token_share(m.tokenizer, [" ".join(str(t["content"]) for t in p.example.messages) for p in train_prompts[:256]])
+        share = unknown_token_share(m.tokenizer, prompt_texts)
         if share > UNKNOWN_TOKEN_WARN:
             accelerator.print(f"warning: reward model {m.name}: {share:.1%} of the tokens of the training prompts are "
                               f"its tokenizer's unknown token {m.tokenizer.unk_token!r}: it cannot read what it "
