@@ -346,8 +346,8 @@ def run_trl_pipeline(args, settings, ak, d, variant, sampler, seed, env, logs) -
                "rm": ak["seconds"]["rm"] * scale if capped else 1e9}
 
     def stage(cmd, log, folder):
-        done = finished_child(log) if args.resume else None
-        if done is not None and os.path.exists(folder):
+        done = reusable(log, folder, args.resume)
+        if done is not None:
             print(f"         {os.path.basename(log)[:-4]}: reused from {folder}", flush=True)
             return done
         return run_child(cmd, log, env)
@@ -384,8 +384,8 @@ def rerun_alignkit_ppo(me, base, ak_dir, name, seed, updates, ppo_set, sampler, 
     d = os.path.join(base, name)
     job = {"name": name, "sft": f"{ak_dir}/sft/final", "ppo": f"{d}/ppo/final", "rm": f"{ak_dir}/rm/final"}
     log = f"{logs}/{name}-seed{seed}.log"
-    done = finished_child(log) if resume else None
-    if done is not None and os.path.exists(job["ppo"]):
+    done = reusable(log, job["ppo"], resume)
+    if done is not None:
         return done, job
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d, exist_ok=True)
@@ -396,6 +396,12 @@ def rerun_alignkit_ppo(me, base, ak_dir, name, seed, updates, ppo_set, sampler, 
                      *[a for kv in ppo_set for a in ("--ppo-set", kv)]], log, env)
     sampler.phase(None)
     return res, job
+
+
+def reusable(log_path: str, folder: str, resume: bool) -> dict | None:
+    """--resume: the result of a child that finished (its log's result line) and left ``folder``; else None."""
+    done = finished_child(log_path) if resume else None
+    return done if done is not None and os.path.exists(folder) else None
 
 
 def finished_child(log_path: str) -> dict | None:

@@ -595,13 +595,13 @@ def test_two_processes_with_accelerate_launch(tmp_path, config, extra):
 
     out = tmp_path / "two"
     run = run_processes([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no",
-                          os.path.join(ROOT, "scripts/train_ppo.py"), "--config", os.path.join(ROOT, "configs/ppo", config),
-                          "--model.name_or_path=builtin:tiny", "--data.train_files=[builtin:prompts:train:32]",
-                          "--data.eval_files=[builtin:prompts:eval:13]", "--ppo.eval_samples=13",
-                          "--ppo.rollout_batch_size=8", "--train.per_device_batch_size=8", "--ppo.response_length=8",
-                          "--ppo.ppo_epochs=1", "--train.max_steps=2", "--train.save_every=0", "--train.eval_every=0",
-                          "--log.progress=false", f"--output_dir={out}", *extra])
+                         "--mixed_precision", "no", "--dynamo_backend", "no",
+                         os.path.join(ROOT, "scripts/train_ppo.py"), "--config", os.path.join(ROOT, "configs/ppo", config),
+                         "--model.name_or_path=builtin:tiny", "--data.train_files=[builtin:prompts:train:32]",
+                         "--data.eval_files=[builtin:prompts:eval:13]", "--ppo.eval_samples=13",
+                         "--ppo.rollout_batch_size=8", "--train.per_device_batch_size=8", "--ppo.response_length=8",
+                         "--ppo.ppo_epochs=1", "--train.max_steps=2", "--train.save_every=0", "--train.eval_every=0",
+                         "--log.progress=false", f"--output_dir={out}", *extra])
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.load(open(out / "summary.json"))
     assert summary["num_processes"] == 2

@@ -195,13 +195,13 @@ def test_grpo_with_two_processes_under_accelerate_launch(tmp_path):
 
     out = tmp_path / "two"
     run = run_processes([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "scripts/train_ppo.py"),
-                          "--config", os.path.join(ROOT, "configs/ppo/tiny_grpo.yaml"),
-                          "--model.name_or_path=builtin:tiny", "--data.train_files=[builtin:prompts:train:32]",
-                          "--data.eval_files=[]", "--ppo.eval_samples=0", "--ppo.rollout_batch_size=8",
-                          "--ppo.samples_per_prompt=4", "--train.per_device_batch_size=8", "--ppo.response_length=8",
-                          "--ppo.ppo_epochs=1", "--train.max_steps=2", "--train.save_every=0", "--train.eval_every=0",
-                          "--log.progress=false", f"--output_dir={out}"])
+                         "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "scripts/train_ppo.py"),
+                         "--config", os.path.join(ROOT, "configs/ppo/tiny_grpo.yaml"),
+                         "--model.name_or_path=builtin:tiny", "--data.train_files=[builtin:prompts:train:32]",
+                         "--data.eval_files=[]", "--ppo.eval_samples=0", "--ppo.rollout_batch_size=8",
+                         "--ppo.samples_per_prompt=4", "--train.per_device_batch_size=8", "--ppo.response_length=8",
+                         "--ppo.ppo_epochs=1", "--train.max_steps=2", "--train.save_every=0", "--train.eval_every=0",
+                         "--log.progress=false", f"--output_dir={out}"])
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.load(open(out / "summary.json"))
     assert summary["num_processes"] == 2 and summary["replica_max_abs_difference"] == 0.0

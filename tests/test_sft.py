@@ -131,9 +131,9 @@ def test_cli_and_accelerate_script_two_processes_match_one(tmp_path):
     one = run_processes([sys.executable, "-m", "alignkit.cli", "sft", *common, f"--output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_processes([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no",
-                          os.path.join(ROOT, "scripts/train_sft.py"), *common, "--train.per_device_batch_size=4",
-                          f"--output_dir={tmp_path / 'two'}"])
+                         "--mixed_precision", "no", "--dynamo_backend", "no",
+                         os.path.join(ROOT, "scripts/train_sft.py"), *common, "--train.per_device_batch_size=4",
+                         f"--output_dir={tmp_path / 'two'}"])
     assert two.returncode == 0, two.stderr[-2000:]
     s2 = json.load(open(tmp_path / "two" / "summary.json"))
     assert s2["num_processes"] == 2
