@@ -14,7 +14,7 @@ import torch
 from alignkit.config import ConfigError, load_config
 from alignkit.engine import TrainingError
 from alignkit.modeling import ModelLoadError
-from alignkit.ppo import PPOConfig, train_ppo
+from alignkit.ppo import PPOConfig, PPOSettings, train_ppo
 from alignkit.ppo_update import Minibatch, ppo_minibatch_loss
 from alignkit.rollout import left_pad, sequence_inputs, truncate_after_eos
 from alignkit.value import ValueModel
@@ -97,7 +97,6 @@ def _tiny_policy_and_value():
 
 def test_masked_tokens_change_nothing_in_the_ppo_loss():
     """Left padding and post-EOS tokens (ids and rollout statistics) leave loss and gradients unchanged."""
-    from alignkit.ppo import PPOSettings
 
     policy, value = _tiny_policy_and_value()
     ppo = PPOSettings(temperature=0.7, kl_in_loss=True)  # the KL loss term must ignore padding too
@@ -260,6 +259,12 @@ def test_adaptive_kl_coef_stops_at_its_floor(tmp_path):
     assert [r["train/kl_coef"] for r in rows if "train/kl_coef" in r] == pytest.approx([0.0496875, 0.0495])
     with pytest.raises(ConfigError, match="ppo.kl_coef_min: must be between 0 and ppo.kl_coef=0.05"):
         tiny_cfg(tmp_path, "ppo.kl_coef_min=0.1")
+    # The shipped floor is the library's default, not only the pipeline YAMLs'; a lower starting beta
+    # names it, and a fixed beta has no floor to check.
+    assert PPOSettings().kl_coef_min == 0.03
+    with pytest.raises(ConfigError, match=r"got 0.03 \(the adaptive controller's floor, default 0.03"):
+        tiny_cfg(tmp_path, "ppo.kl_coef=0.01")
+    assert tiny_cfg(tmp_path, "ppo.kl_coef=0.01", "ppo.adaptive_kl=false").ppo.kl_coef == 0.01
 
 
 def test_short_run_writes_outputs_and_resume_matches_uninterrupted(tmp_path):

@@ -105,7 +105,8 @@ class PPOSettings:
     # Adaptive KL only: beta never falls below this (null: no floor). Without a floor, beta keeps
     # shrinking while the KL sits under its target (early on, or once the reward model saturates),
     # so a long run loses its brake; with one, kl_target acts as a ceiling the controller enforces.
-    kl_coef_min: Optional[float] = None
+    # 0.03 is what every shipped pipeline and the task-suite benchmarks run (benchmarks/README.md).
+    kl_coef_min: Optional[float] = 0.03
     # Early stop of an update (target_kl of Spinning Up and Stable-Baselines3 PPO): before each optimizer
     # step after the first, the minibatch's approx KL to the rollout policy (k2, mean per response token,
     # averaged over processes) is checked; above this, the update's remaining steps are skipped. On a
@@ -178,9 +179,10 @@ class PPOSettings:
             raise ConfigError(f"ppo.max_update_kl: must be > 0 (or null: no early stop), got {self.max_update_kl}")
         if self.adaptive_kl and self.kl_target <= 0:
             raise ConfigError("ppo.kl_target: must be > 0 with ppo.adaptive_kl")
-        if self.kl_coef_min is not None and not 0 <= self.kl_coef_min <= self.kl_coef:
-            raise ConfigError(f"ppo.kl_coef_min: must be between 0 and ppo.kl_coef={self.kl_coef}, "
-                              f"got {self.kl_coef_min}")
+        if self.adaptive_kl and self.kl_coef_min is not None and not 0 <= self.kl_coef_min <= self.kl_coef:
+            raise ConfigError(f"ppo.kl_coef_min: must be between 0 and ppo.kl_coef={self.kl_coef}, got "
+                              f"{self.kl_coef_min} (the adaptive controller's floor, default 0.03: lower it with "
+                              "ppo.kl_coef, or null for no floor)")
         if self.ptx_coef > 0 and not self.ptx_files:
             raise ConfigError("ppo.ptx_files: PPO-ptx (ppo.ptx_coef > 0) needs demonstration files")
 
