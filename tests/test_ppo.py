@@ -19,7 +19,8 @@ from alignkit.ppo_update import Minibatch, ppo_minibatch_loss
 from alignkit.rollout import left_pad, sequence_inputs, truncate_after_eos
 from alignkit.value import ValueModel
 from alignkit.rewards import ModelReward, RewardSourceConfig, build_reward
-from alignkit.schema import DataError
+from alignkit.schema import DataError, load_examples
+from alignkit.tokenization import unknown_token_share
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -469,15 +470,16 @@ def test_reward_model_with_another_tokenizer_reads_retokenized_text(tmp_path, ca
     reward = ModelReward(RewardSourceConfig(name_or_path=str(tmp_path / "rm")))
     ids = reward.encode("review the pizza", "the pizza was great .")
     assert ids[-1] == tok.eos_token_id and ids[-6:-1] == tok("the pizza was great .")["input_ids"]
-    cfg = tiny_cfg(tmp_path, "train.max_steps=1",
-                   data={"reward": {"sources": [{"name_or_path": str(tmp_path / "rm")}]}})
-    assert train_ppo(cfg)["value_init"] == "policy"
-    assert "unknown token" not in capsys.readouterr().out
-    # A reward model that knows only a few of the words: said before training, with the share.
-    word_level_rm(words[:4] + [w for w in words[4:] if w in ("the", "was", ".")] + ROLE_TOKENS, tmp_path / "rm_few")
+    prompts = [" ".join(m["content"] for m in ex.messages) for ex in load_examples(["builtin:prompts:train:64"])]
+    assert unknown_token_share(tok, prompts) == 0.0  # same words: it reads every prompt
+    # A reward model that knows only a few of the words: PPO runs (scored on its own tokens, the value
+    # model falls back to the policy) and says before training that it cannot read the prompts.
+    few = word_level_rm(words[:4] + [w for w in words[4:] if w in ("the", "was", ".")] + ROLE_TOKENS,
+                        tmp_path / "rm_few")
+    assert unknown_token_share(few, prompts) > 0.5
     cfg = tiny_cfg(tmp_path, "train.max_steps=1",
                    data={"reward": {"sources": [{"name_or_path": str(tmp_path / "rm_few")}]}})
-    train_ppo(cfg)
+    assert train_ppo(cfg)["value_init"] == "policy"
     assert re.search(r"warning: reward model .*rm_few: \d+\.\d% of the tokens of the training prompts are its "
                      r"tokenizer's unknown token", capsys.readouterr().out)
 
