@@ -51,7 +51,7 @@ class StepClock:
 def pair_rows(n: int):
     """The first n untied, aggregated pairs of the built-in task, as alignkit's DPO stage reads them."""
     from alignkit.dpo import DPOSettings, _settings, _only
-    from alignkit.rm import aggregate, comparisons_of
+    from alignkit.rm_data import aggregate, comparisons_of
     from alignkit.schema import load_examples
 
     examples = _only(load_examples(f"builtin:pairs:train:{n + 200}"), ("pairwise",))
