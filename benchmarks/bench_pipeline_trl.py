@@ -158,6 +158,7 @@ def trl_settings(cfg) -> dict:
         "rollout_batch": cfg.ppo.ppo.rollout_batch_size, "num_minibatches": cfg.ppo.ppo.num_minibatches,
         "ppo_epochs": cfg.ppo.ppo.ppo_epochs, "response_length": cfg.ppo.ppo.response_length,
         "temperature": cfg.ppo.ppo.temperature, "ppo_lr": cfg.ppo.train.learning_rate,
+        "kl_estimator": cfg.ppo.ppo.kl_estimator,
     }
 
 

@@ -249,9 +249,9 @@ def run_ppo(args, s: dict) -> dict:
         temperature=s["temperature"], stop_token="eos",
         # As in TRL's own TL;DR PPO example (alignkit's quickstart uses the same -1 for a missing EOS).
         missing_eos_penalty=args.missing_eos_penalty,
-        # TRL 1.12 defaults (RLHF.md): kl_coef 0.05, k1, cliprange 0.2/0.2, vf_coef 0.1, gamma 1, lam 0.95,
+        # TRL 1.12 defaults (RLHF.md): kl_coef 0.05, k1 (here: the config's ppo.kl_estimator, as alignkit), cliprange 0.2/0.2, vf_coef 0.1, gamma 1, lam 0.95,
         # 4 PPO epochs, no reward whitening; bf16 autocast (TRL's default).
-        num_ppo_epochs=s["ppo_epochs"], kl_coef=args.kl_coef, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2,
+        num_ppo_epochs=s["ppo_epochs"], kl_coef=args.kl_coef, kl_estimator=s.get("kl_estimator", "k1"), cliprange=0.2, cliprange_value=0.2,
         vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=False, bf16=True,
         # Not TRL defaults: its 3e-6 is for pretrained billion-parameter models and does not move a
         # random-init tiny model in minutes; this is alignkit's quickstart rate, kept constant (as in
