@@ -268,6 +268,31 @@ def test_k3_is_non_negative_and_zero_only_at_equality():
     assert (kl_penalty(logp, ref, "k1") < 0).any()
 
 
+def test_only_k1_as_a_detached_reward_penalty_has_the_kl_gradient():
+    """Exact expectations over a 5-way categorical policy q and reference p. A penalty c(x) in the reward is
+    detached, so PPO's gradient of its mean is the score-function term sum_x q(x) c(x) grad log q(x). With
+    c = k1 that is grad KL(q || p); with c = k3 it is grad KL(q || p) + grad E_p[log q]: descending it also
+    lowers the policy's log-likelihood of the reference's own samples (why ppo keeps k1 in the reward)."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    log_p = torch.log_softmax(torch.randn(5, dtype=torch.float64), -1)
+
+    def grad(f):
+        return torch.autograd.grad(f(torch.log_softmax(logits, -1)), logits)[0]
+
+    def score_function(estimator):
+        def f(log_q):
+            c = kl_penalty(log_q.detach(), log_p, estimator)
+            return (log_q.detach().exp() * c * log_q).sum()
+        return grad(f)
+
+    kl = grad(lambda log_q: (log_q.exp() * (log_q - log_p)).sum())
+    cross = grad(lambda log_q: (log_p.exp() * log_q).sum())
+    close(score_function("k1"), kl, tol=1e-12)
+    close(score_function("k3"), kl + cross, tol=1e-12)
+    assert (score_function("k3") - kl).abs().max() > 0.05
+
+
 def test_per_token_rewards():
     scores = t(1.0, 2.0, 3.0)
     kl = t(0.1, 0.2, 0.3, 0.5, 0.4, 9.9, 1.0, 1.0, 1.0).view(3, 3)

@@ -14,7 +14,7 @@ import torch
 from alignkit.config import ConfigError, load_config
 from alignkit.engine import TrainingError
 from alignkit.modeling import ModelLoadError
-from alignkit.ppo import PPOConfig, PPOSettings, train_ppo
+from alignkit.ppo import PPOConfig, PPOSettings, reward_kl_estimator, train_ppo
 from alignkit.ppo_update import Minibatch, ppo_minibatch_loss
 from alignkit.rollout import left_pad, sequence_inputs, truncate_after_eos
 from alignkit.value import ValueModel
@@ -266,6 +266,19 @@ def test_adaptive_kl_coef_stops_at_its_floor(tmp_path):
     with pytest.raises(ConfigError, match=r"got 0.03 \(the adaptive controller's floor, default 0.03"):
         tiny_cfg(tmp_path, "ppo.kl_coef=0.01")
     assert tiny_cfg(tmp_path, "ppo.kl_coef=0.01", "ppo.adaptive_kl=false").ppo.kl_coef == 0.01
+
+
+def test_k3_stays_out_of_the_reward_unless_asked_for(tmp_path, capsys):
+    # Why: tests/test_losses.py::test_only_k1_as_a_detached_reward_penalty_has_the_kl_gradient.
+    assert reward_kl_estimator(PPOSettings(kl_estimator="k3")) == "k1"
+    assert reward_kl_estimator(PPOSettings(kl_estimator="k3", kl_k3_in_reward=True)) == "k3"
+    assert reward_kl_estimator(PPOSettings(kl_estimator="k3", kl_in_loss=True)) == "k3"  # logged only
+    with pytest.raises(ConfigError, match="ppo.kl_k3_in_reward: .* set ppo.kl_estimator: k3 too"):
+        tiny_cfg(tmp_path, "ppo.kl_k3_in_reward=true")
+    train_ppo(tiny_cfg(tmp_path, "train.max_steps=1", "ppo.kl_estimator=k3"))
+    assert "ppo.kl_estimator=k3: the reward's KL penalty stays k1" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(os.path.join(str(tmp_path / "ppo"), "metrics.jsonl"))]
+    assert [r["objective/kl_k3"] for r in rows if "objective/kl_k3" in r] == [0.0]  # first update: policy = reference
 
 
 def test_short_run_writes_outputs_and_resume_matches_uninterrupted(tmp_path):

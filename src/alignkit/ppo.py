@@ -91,8 +91,17 @@ class PPOSettings:
     response_length: int = 32
     # Sampling temperature; log-probs of policy and reference use it too (Huang et al. 2024).
     temperature: float = 1.0
-    # Per-token KL estimator in the reward: k1 (logp - ref_logp) or k3 (always >= 0, lower variance).
+    # Per-token KL estimator: k1 (logp - ref_logp) or k3 (exp(ref - logp) - 1 - (ref - logp), >= 0, lower
+    # variance as an estimate of the KL's value). In the reward only k1's policy gradient is the KL's
+    # gradient: a detached k3 penalty is second order near the reference (~k1^2 / 2 per token) and its
+    # score-function gradient pushes the policy away from the reference (Tang & Munos 2025; Shah et al.
+    # 2025). So with k3 the reward's penalty stays k1 (said at start) and the k3 sum is logged as
+    # objective/kl_k3, unless kl_k3_in_reward; with kl_in_loss the loss term is k3 (kl_loss).
     kl_estimator: str = "k1"
+    # kl_estimator: k3 only: put k3 itself in the reward, as TRL's kl_estimator="k3" does. Measured on
+    # the task suite (benchmarks/README.md): the KL overshoots early and gold falls (extreme +0.94 SFT
+    # std at KL 5.8 against k1's +2.07 at KL 4.3).
+    kl_k3_in_reward: bool = False
     # Starting KL coefficient beta.
     kl_coef: float = 0.05
     # Adapt beta so the KL per response tracks kl_target (Ziegler et al. 2019); false: fixed beta.
@@ -166,6 +175,9 @@ class PPOSettings:
                               f"prompts of ppo.samples_per_prompt={self.samples_per_prompt} samples")
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"ppo.kl_estimator: must be k1 or k3, got {self.kl_estimator!r}")
+        if self.kl_k3_in_reward and self.kl_estimator != "k3":
+            raise ConfigError(f"ppo.kl_k3_in_reward: puts the k3 estimate in the reward, but ppo.kl_estimator is "
+                              f"{self.kl_estimator!r}; set ppo.kl_estimator: k3 too")
         if self.rollout_batch_size < 1 or self.num_minibatches < 1 or self.ppo_epochs < 1:
             raise ConfigError("ppo.rollout_batch_size, ppo.num_minibatches and ppo.ppo_epochs must be >= 1")
         if self.rollout_batch_size % self.num_minibatches:
@@ -239,6 +251,12 @@ def gold_available(cfg: PPOConfig) -> bool:
 # ----------------------------------------------------------------------------- training
 
 
+def reward_kl_estimator(ppo: PPOSettings) -> str:
+    """The per-token KL estimator of the reward's penalty: k1, unless k3 is asked for in the reward itself
+    (ppo.kl_k3_in_reward) or the penalty is a loss term (kl_in_loss: the reward's copy is only logged)."""
+    return ppo.kl_estimator if (ppo.kl_k3_in_reward or ppo.kl_in_loss) else "k1"
+
+
 def update_kl_exceeded(approx_kl: torch.Tensor, ppo: PPOSettings, accelerator) -> bool:
     """ppo.max_update_kl: has this update moved the policy too far from the rollout policy? The same
     answer on every process (the approx KL is averaged over them), so all stop at the same step."""
@@ -286,6 +304,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
             accelerator.print(f"warning: reward model {m.name}: {share:.1%} of the tokens of the training prompts are "
                               f"its tokenizer's unknown token {m.tokenizer.unk_token!r}: it cannot read what it "
                               "scores (a reward model trained on other text, or on another tokenizer's vocabulary)")
+    if ppo.kl_estimator != reward_kl_estimator(ppo):
+        accelerator.print("ppo.kl_estimator=k3: the reward's KL penalty stays k1 (log pi - log pi_ref per token), the "
+                          "only estimator whose policy gradient in a reward is the KL's; k3 is logged as "
+                          "objective/kl_k3. ppo.kl_k3_in_reward: true puts k3 in the reward (as TRL does), "
+                          "ppo.kl_in_loss: true puts it in the loss (as GRPO does)")
     if ppo.reference is not None:
         check_reference_vocab(tokenizer, policy, ppo.reference, cfg.model)
     if cfg.model.lora.enabled and ppo.reference is None:
@@ -415,7 +438,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                                       for i in range(0, len(batch_prompts), chunk)])
 
         # 4. rewards + advantages (GAE, or a critic-free baseline)
-        b_kl = kl_penalty(r.logprobs, r.ref_logprobs, ppo.kl_estimator)
+        b_kl = kl_penalty(r.logprobs, r.ref_logprobs, reward_kl_estimator(ppo))
         b_advantages, b_returns, b_non_score = compute_advantages(ppo, b_scores, b_kl, kl_ctl.kl_coef,
                                                                   r.response_mask, b_values)
 
@@ -469,6 +492,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 # (sum over the response of log pi - log pi_ref), so kl_target is in the units a user reads.
                 "objective/kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, "k1").mean(),
                 "objective/non_score_reward": b_non_score.sum(-1).mean(),
+                **({"objective/kl_k3": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, "k3").mean()}
+                   if ppo.kl_estimator == "k3" else {}),
                 "objective/rlhf_reward": b_scores.mean() + b_non_score.sum(-1).mean(),
                 "policy/update_steps": torch.tensor(float(steps_taken)),  # optimizer steps (fewer: early stop)
                 "rollout/response_length": r.response_mask.sum(-1).float().mean(),
