@@ -281,7 +281,7 @@ def run_ppo(args, s: dict) -> dict:
             last = now - (update_ends[-1] if update_ends else train_start)
             update_ends.append(now)
             if "updates_1x" not in result:
-                if now - t0 + last > args.budget:
+                if now - t0 + last > args.budget or (args.updates and state.global_step >= args.updates):
                     result["updates_1x"] = state.global_step
                     save("ppo_1x")
                     result["seconds"] = time.time() - t0  # loading + updates + saving, like alignkit's stage time
@@ -324,6 +324,8 @@ def main():
     p.add_argument("--budget", type=float, required=True, help="seconds for this stage")
     p.add_argument("--extend", type=int, default=0, help="ppo: also train on to this many times the updates "
                    "(out/ppo_<K>x); 0: stop at the budget")
+    p.add_argument("--updates", type=int, default=0, help="ppo: stop after this many updates (1x) even within "
+                   "the budget; 0: the budget alone decides")
     p.add_argument("--lr", type=float, default=1e-3, help="ppo learning rate")
     p.add_argument("--kl-coef", type=float, default=0.05, help="ppo: fixed KL coefficient beta (TRL 1.12's default 0.05)")
     p.add_argument("--missing-eos-penalty", type=float, default=1.0)
