@@ -683,6 +683,12 @@ def print_best_beta(results) -> None:
     print(f"\nEvery TRL setting over the {len(seeds)} seed(s), mean +- SE (TRL's best = highest mean gain):\n")
     print_table(rows, ["pipeline", "gain (SFT std)", "KL to SFT"])
     print(f"  alignkit default vs TRL at its best setting ({best}): {verdict(a[0], a[2], b[0], b[2])}")
+    if all(s.get("kl_match", {}).get("trl") == best and KL_MATCHED in s["eval"] for s in seeds):
+        m = stats(KL_MATCHED)
+        print(f"  alignkit KL-matched to it on every seed: {m[0]:+.2f} +- {m[1]:.2f} / {m[2]:.2f} +- {m[3]:.2f}: "
+              f"{ahead({'d_gain': a[0], 'd_kl': a[2], 'gain': m[0], 'kl': m[2], 'trl_gain': b[0], 'trl_kl': b[2]})}")
+    else:
+        print(f"  (a KL-matched comparison with it needs every seed matched to {best}: --resume --kl-match-trl {best})")
 
 
 def print_report(results, args) -> None:
