@@ -492,13 +492,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 # (sum over the response of log pi - log pi_ref), so kl_target is in the units a user reads.
                 "objective/kl": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, "k1").mean(),
                 "objective/non_score_reward": b_non_score.sum(-1).mean(),
-                **({"objective/kl_k3": sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, "k3").mean()}
-                   if ppo.kl_estimator == "k3" else {}),
                 "objective/rlhf_reward": b_scores.mean() + b_non_score.sum(-1).mean(),
                 "policy/update_steps": torch.tensor(float(steps_taken)),  # optimizer steps (fewer: early stop)
                 "rollout/response_length": r.response_mask.sum(-1).float().mean(),
                 "rollout/eos_share": r.ended.float().mean(),
             })
+            if ppo.kl_estimator == "k3":  # the estimate asked for, logged beside the k1 sum the controller reads
+                m["objective/kl_k3"] = sequence_kl(r.logprobs, r.ref_logprobs, r.response_mask, "k3").mean()
             spreads = [src.spread.mean() for src in reward.sources if isinstance(src, EnsembleReward)]
             if spreads:  # disagreement of the reward-model ensemble on this batch (std over members)
                 m["objective/ensemble_std"] = torch.stack(spreads).mean()
