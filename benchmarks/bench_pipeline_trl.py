@@ -475,6 +475,18 @@ def ahead(v: dict) -> str:
     return "alignkit (KL-matched)" if matched == "alignkit" else matched
 
 
+def at_no_larger_kl(seed_result: dict, trl: str) -> tuple[str, dict] | None:
+    """alignkit's run of one seed at no larger held-out KL than that seed's TRL run ``trl``: the default
+    when its KL is not larger, else the KL-matched run when it was matched to ``trl`` and its KL is not
+    larger; None when neither is (that seed has no alignkit run to set against TRL at its KL)."""
+    ev, trl_kl = seed_result["eval"], seed_result["eval"][trl]["ppo"]["kl_to_sft"]
+    if ev["alignkit"]["ppo"]["kl_to_sft"] <= trl_kl:
+        return "default", ev["alignkit"]
+    if seed_result.get("kl_match", {}).get("trl") == trl and KL_MATCHED in ev and ev[KL_MATCHED]["ppo"]["kl_to_sft"] <= trl_kl:
+        return "KL-matched", ev[KL_MATCHED]
+    return None
+
+
 def trl_lrs(args, settings) -> list[float]:
     return list(args.trl_ppo_lr) if args.trl_ppo_lr else [settings["ppo_lr"]]
 
@@ -689,6 +701,18 @@ def print_best_beta(results) -> None:
               f"{ahead({'d_gain': a[0], 'd_kl': a[2], 'gain': m[0], 'kl': m[2], 'trl_gain': b[0], 'trl_kl': b[2]})}")
     else:
         print(f"  (a KL-matched comparison with it needs every seed matched to {best}: --resume --kl-match-trl {best})")
+    picks = [at_no_larger_kl(s, best) for s in seeds]
+    if all(picks):
+        g = [e["gold_gain_in_sft_std"] for _, e in picks]
+        k = [e["ppo"]["kl_to_sft"] for _, e in picks]
+        tg = [s["eval"][best]["gold_gain_in_sft_std"] for s in seeds]
+        wins = sum(a > b for a, b in zip(g, tg))
+        print(f"  alignkit at no larger KL than it, per seed ({', '.join(n for n, _ in picks)}): "
+              f"{_mean(g):+.2f} +- {_se(g):.2f} / {_mean(k):.2f} +- {_se(k):.2f}; "
+              f"{verdict(_mean(g), _mean(k), b[0], b[2])}; higher gain on {wins} of {len(seeds)} seed(s)")
+    else:
+        print(f"  (alignkit at no larger KL per seed needs, on every seed, a default or KL-matched run at no "
+              f"larger KL than {best})")
 
 
 def print_report(results, args) -> None:

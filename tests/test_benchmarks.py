@@ -46,3 +46,27 @@ def test_the_dpo_benchmark_reads_the_pairs_alignkit_trains_on():
         sys.path.pop(0)
     rows = pair_rows(6)
     assert len(rows) == 6 and all(r["chosen"] != r["rejected"] for r in rows)
+
+
+def test_alignkit_at_no_larger_kl_is_the_default_when_it_is_there_else_the_matched_run():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_pipeline_trl import KL_MATCHED, at_no_larger_kl
+    finally:
+        sys.path.pop(0)
+
+    def ev(gain, kl):
+        return {"gold_gain_in_sft_std": gain, "ppo": {"kl_to_sft": kl}}
+
+    seed = {"eval": {"alignkit": ev(2.4, 4.5), "trl_b0.2": ev(2.38, 4.59), KL_MATCHED: ev(2.2, 4.0)},
+            "kl_match": {"trl": "trl_b0.2"}}
+    assert at_no_larger_kl(seed, "trl_b0.2") == ("default", seed["eval"]["alignkit"])
+    seed["eval"]["alignkit"] = ev(2.4, 4.6)  # the default now sits above TRL's KL: the matched run counts
+    assert at_no_larger_kl(seed, "trl_b0.2") == ("KL-matched", seed["eval"][KL_MATCHED])
+    seed["kl_match"]["trl"] = "trl_b0.05"  # matched to another TRL run: it cannot stand in for this one
+    assert at_no_larger_kl(seed, "trl_b0.2") is None
+    seed["kl_match"]["trl"] = "trl_b0.2"
+    seed["eval"][KL_MATCHED] = ev(2.3, 4.7)  # the matched run overshot TRL's KL
+    assert at_no_larger_kl(seed, "trl_b0.2") is None
