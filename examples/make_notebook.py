@@ -29,7 +29,7 @@ FAST = os.environ.get("ALIGNKIT_NOTEBOOK_FAST") == "1"
 OUT = os.environ.get("ALIGNKIT_NOTEBOOK_OUT", "runs/notebook")
 overrides = [f"output_dir={OUT}", "sft.log.progress=false", "rm.log.progress=false", "ppo.log.progress=false"]
 if FAST:
-    overrides += ["sft.train.num_epochs=10", "rm.train.num_epochs=2",
+    overrides += ["sft.train.num_epochs=6", "rm.train.num_epochs=1",
                   "ppo.train.max_steps=15", "ppo.train.eval_every=0", "ppo.ppo.eval_samples=32",
                   "report.num_prompts=64", "report.samples_per_prompt=1", "report.diagnostics_prompts=8",
                   "report.best_of_n=8"]
