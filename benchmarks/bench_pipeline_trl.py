@@ -36,7 +36,9 @@ than TRL's, where a higher gold reward is easier. So after each seed's evaluatio
 re-run from the same SFT and reward model, for the same number of updates (so about the same seconds;
 both are reported), with ``ppo.ppo.kl_target`` = 0.9 x the held-out KL that TRL's run measured on that
 seed. The adaptive controller aims at that target; whatever KL the one run lands at is reported (no
-retries), with who is ahead at no larger KL.
+retries), with who is ahead at no larger KL. Against TRL at its best single beta over the seeds,
+``--report`` also takes per seed the default run when its KL is not larger than TRL's, else the
+KL-matched one (``at_no_larger_kl``).
 
 Evaluation: the same code for every final policy: ``alignkit.pipeline.compare_policies`` samples the
 SFT policy and the PPO policy of one pipeline on the held-out prompts (``builtin:prompts:eval``, 256
@@ -706,7 +708,7 @@ def print_best_beta(results) -> None:
         g = [e["gold_gain_in_sft_std"] for _, e in picks]
         k = [e["ppo"]["kl_to_sft"] for _, e in picks]
         tg = [s["eval"][best]["gold_gain_in_sft_std"] for s in seeds]
-        wins = sum(a > b for a, b in zip(g, tg))
+        wins = sum(ours > theirs for ours, theirs in zip(g, tg))
         print(f"  alignkit at no larger KL than it, per seed ({', '.join(n for n, _ in picks)}): "
               f"{_mean(g):+.2f} +- {_se(g):.2f} / {_mean(k):.2f} +- {_se(k):.2f}; "
               f"{verdict(_mean(g), _mean(k), b[0], b[2])}; higher gain on {wins} of {len(seeds)} seed(s)")
