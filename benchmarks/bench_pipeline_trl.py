@@ -477,6 +477,11 @@ def ahead(v: dict) -> str:
     return "alignkit (KL-matched)" if matched == "alignkit" else matched
 
 
+def matched_to(seed_result: dict, trl: str) -> bool:
+    """Whether this seed has a KL-matched alignkit run, matched to the TRL run ``trl``."""
+    return seed_result.get("kl_match", {}).get("trl") == trl and KL_MATCHED in seed_result["eval"]
+
+
 def at_no_larger_kl(seed_result: dict, trl: str) -> tuple[str, dict] | None:
     """alignkit's run of one seed at no larger held-out KL than that seed's TRL run ``trl``: the default
     when its KL is not larger, else the KL-matched run when it was matched to ``trl`` and its KL is not
@@ -484,7 +489,7 @@ def at_no_larger_kl(seed_result: dict, trl: str) -> tuple[str, dict] | None:
     ev, trl_kl = seed_result["eval"], seed_result["eval"][trl]["ppo"]["kl_to_sft"]
     if ev["alignkit"]["ppo"]["kl_to_sft"] <= trl_kl:
         return "default", ev["alignkit"]
-    if seed_result.get("kl_match", {}).get("trl") == trl and KL_MATCHED in ev and ev[KL_MATCHED]["ppo"]["kl_to_sft"] <= trl_kl:
+    if matched_to(seed_result, trl) and ev[KL_MATCHED]["ppo"]["kl_to_sft"] <= trl_kl:
         return "KL-matched", ev[KL_MATCHED]
     return None
 
@@ -697,7 +702,7 @@ def print_best_beta(results) -> None:
     print(f"\nEvery TRL setting over the {len(seeds)} seed(s), mean +- SE (TRL's best = highest mean gain):\n")
     print_table(rows, ["pipeline", "gain (SFT std)", "KL to SFT"])
     print(f"  alignkit default vs TRL at its best setting ({best}): {verdict(a[0], a[2], b[0], b[2])}")
-    if all(s.get("kl_match", {}).get("trl") == best and KL_MATCHED in s["eval"] for s in seeds):
+    if all(matched_to(s, best) for s in seeds):
         m = stats(KL_MATCHED)
         print(f"  alignkit KL-matched to it on every seed: {m[0]:+.2f} +- {m[1]:.2f} / {m[2]:.2f} +- {m[3]:.2f}: "
               f"{ahead({'d_gain': a[0], 'd_kl': a[2], 'gain': m[0], 'kl': m[2], 'trl_gain': b[0], 'trl_kl': b[2]})}")
