@@ -1,6 +1,6 @@
 """One GPU check, one table: the quickstart pipeline in bf16, SFT / RM / PPO speed on a ~0.5B
 Qwen2-architecture model with random weights (built offline), FSDP2 with one process, and
-peak GPU memory of full, LoRA and shared-base PPO.
+peak GPU memory of full, LoRA, QLoRA and shared-base PPO (16-bit and 4-bit base).
 
     bash benchmarks/gpu_check.sh            # on a CUDA machine (about 5-8 minutes on one GPU)
     bash benchmarks/gpu_check.sh --cpu      # dry run of every row on CPU with a tiny model (seconds)
@@ -74,6 +74,9 @@ def rows(model: str, work: str, cpu: bool) -> list[tuple[str, str, list[str], st
           *[f"--{s}.log.progress=false" for s in ("sft", "rm", "ppo")], *quick], "pipeline"),
         ("SFT full, bf16", "sft", ["--config", f"{CONFIGS}/sft/tiny.yaml", f"--output_dir={work}/sft", *sft],
          "tokens_per_second"),
+        ("SFT QLoRA (4-bit base), bf16", "sft",
+         ["--config", f"{CONFIGS}/sft/tiny_qlora.yaml", f"--output_dir={work}/sft_qlora", "--train.learning_rate=1e-4",
+          *sft], "tokens_per_second"),
         ("SFT full, bf16, FSDP2 (1 process)", "sft",
          ["--config", f"{CONFIGS}/sft/tiny.yaml", f"--output_dir={work}/sft_fsdp2", "--train.sharding=fsdp2", *sft],
          "tokens_per_second"),
@@ -89,6 +92,9 @@ def rows(model: str, work: str, cpu: bool) -> list[tuple[str, str, list[str], st
         ("PPO shared base, bf16", "ppo",
          ["--config", f"{CONFIGS}/ppo/tiny_shared_base.yaml", f"--output_dir={work}/ppo_shared", *ppo],
          "seconds_per_update"),
+        ("PPO shared base, 4-bit base, bf16", "ppo",
+         ["--config", f"{CONFIGS}/ppo/tiny_shared_base.yaml", f"--output_dir={work}/ppo_shared_4bit",
+          "--model.load_in_4bit=true", *ppo], "seconds_per_update"),
     ]
 
 
@@ -144,7 +150,7 @@ def main() -> int:
         if run.returncode != 0 or not os.path.exists(out):
             failed += 1
             table.append((name, "FAILED", "", "", run.stderr.strip().splitlines()[-1][:80] if run.stderr else ""))
-            print(run.stderr[-3000:], file=sys.stderr)
+            print(f"row {i}: {name} FAILED\n{run.stderr[-3000:]}", file=sys.stderr, flush=True)
             continue
         r = json.load(open(out))
         s = r["summary"] or {}
@@ -158,6 +164,7 @@ def main() -> int:
             value = f"{v:,.1f} {unit}" if isinstance(v, (int, float)) else "n/a"
             note = f"{s.get('num_processes', 1)} process(es)" + (f", {s['memory_mode']}" if s.get("memory_mode") else "")
         table.append((name, "ok", value, f"{r['peak_mb']:,.0f} MB {r['peak_of']}", note))
+        print(f"row {i} ({r['wall_s']:.0f} s): " + " | ".join(table[-1]), flush=True)
     widths = [max(len(str(row[c])) for row in table + [("row", "status", "result", "peak memory", "notes")])
               for c in range(5)]
     line = " | ".join

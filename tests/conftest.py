@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_MARKER = "ALIGNKIT_TEST_RUN"
 
 
 def free_port() -> int:
@@ -28,18 +30,25 @@ def run_processes(cmd, timeout=300, env=None, attempts=2):
     it: a hang costs one test, never the whole suite. A run that ends, passing or failing, is
     returned as it is."""
     cmd = [str(c) for c in cmd]
+    env = {**(env or {}), **_cpu_if_too_few_gpus(cmd)}
     for attempt in range(1, attempts + 1):
         run = cmd
         if len(cmd) > 1 and os.path.basename(cmd[0]) == "accelerate" and cmd[1] == "launch":
             run = [cmd[0], "launch", "--main_process_port", str(free_port()), *cmd[2:]]
+        # torch's launcher starts each worker in its own session: the group kill does not reach them, but the
+        # environment marker does (each process of this run inherits it).
+        marker = {RUN_MARKER: uuid.uuid4().hex}
         proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+                                start_new_session=True, env={**os.environ, **env, **marker})
         try:
             out, err = proc.communicate(timeout=timeout)
             return subprocess.CompletedProcess(run, proc.returncode, out, err)
         except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
+            _kill_run(proc.pid, marker)
+            try:  # a worker still holding the pipes would make a plain communicate() wait forever
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                out, err = "", "(no output: the pipes stayed open after the kill)"
             report = (f"{' '.join(run[:6])} ... did not finish in {timeout} s (attempt {attempt} of {attempts})\n"
                       f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}")
             if attempt == attempts:
@@ -47,14 +56,36 @@ def run_processes(cmd, timeout=300, env=None, attempts=2):
             print(report, file=sys.__stderr__, flush=True)  # in the CI log even when warnings are off
             warnings.warn(report)
         finally:
-            _kill_group(proc.pid)  # workers a crashed launcher left behind
+            _kill_run(proc.pid, marker)  # workers a crashed launcher left behind
 
 
-def _kill_group(pgid):
+def _cpu_if_too_few_gpus(cmd) -> dict:
+    """Run N processes on CPU (gloo) where there are fewer than N GPUs: these tests check what several
+    processes compute, and N NCCL ranks cannot share one GPU."""
+    import torch
+
+    wanted = 1
+    for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
+        if flag in cmd[:-1]:
+            wanted = int(cmd[cmd.index(flag) + 1])
+    return {"CUDA_VISIBLE_DEVICES": ""} if 1 < wanted and torch.cuda.device_count() < wanted else {}
+
+
+def _kill_run(pgid, marker: dict) -> None:
+    """Kill the launcher's process group and every process carrying this run's environment marker."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    (key, value), = marker.items()
+    tag = f"{key}={value}".encode()
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if tag in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone already, not ours to read, or not a process folder
 
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")

@@ -45,3 +45,21 @@ def test_a_hung_launch_is_killed_retried_and_fails_the_test(tmp_path):
     assert marker.read_text() == "xx"  # tried twice
     done = run_processes([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
     assert done.returncode == 3 and done.stdout == "out\n"  # a run that ends is returned as it is
+
+
+def test_a_hung_worker_in_its_own_session_is_killed_with_its_launcher(tmp_path):
+    """torch's launcher starts each worker in a new session, out of reach of the group kill; a worker left
+    holding the output pipes used to keep the timed-out test waiting forever (seen: a rank stuck in gloo's
+    teardown). The run's environment marker reaches it: the test fails in bounded time, the worker is gone."""
+    pidfile = tmp_path / "worker.pid"
+    code = ("import subprocess, sys; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+            f"start_new_session=True); open({str(pidfile)!r}, 'w').write(str(w.pid)); w.wait()")
+    with pytest.raises(pytest.fail.Exception, match=r"did not finish in 2 s \(attempt 1 of 1\)"):
+        run_processes([sys.executable, "-c", code], timeout=2, attempts=1)
+    pid = int(pidfile.read_text())
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line for line in f if line.startswith("State:"))
+    except FileNotFoundError:
+        state = "gone"
+    assert state == "gone" or "Z" in state.split()[1], state

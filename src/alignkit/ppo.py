@@ -291,6 +291,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
     policy = load_model(cfg.model, task="causal-lm")
     disable_dropout(policy)
     if ppo.shared_base:
+        if not (cfg.model.load_in_4bit or cfg.model.load_in_8bit):  # 8-/4-bit weights load onto the device
+            policy.to(device)  # before the reward adapter joins: its head is made where the base is
         reward = build_reward(cfg.reward.sources, device=device, batch_size=cfg.reward.batch_size,
                               shared_base=SharedBase(policy, policy_path))
         for m in reward.models:
