@@ -16,6 +16,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_MARKER = "ALIGNKIT_TEST_RUN"
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: one worker per core, so one torch thread per worker
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long tests (marked slow; longest first where the mark says `seconds=`) before the others: under
+    pytest-xdist the short ones then fill in around them, instead of one long test finishing alone at the end."""
+    def order(item):
+        slow = item.get_closest_marker("slow")
+        return (slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0))
+
+    items.sort(key=order)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -88,6 +88,7 @@ def test_report_of_several_policies_with_a_judge_hand_computed():
     assert table[3] == "| rloo | +1.50 | +0.35 | 0.50 | 5.0 | 75% | 100% |"
 
 
+@pytest.mark.slow(seconds=150)
 def test_notebook_runs_top_to_bottom_and_ppo_beats_sft(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient

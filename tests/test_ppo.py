@@ -608,6 +608,7 @@ def test_shared_base_value_from_a_separate_reward_model_is_refused(tmp_path):
         train_ppo(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,extra", [("tiny.yaml", []), ("tiny_shared_base.yaml", []),
                                           ("tiny_shared_base.yaml", ["--model.load_in_4bit=true",
                                                                      "--train.mixed_precision=bf16"])])

@@ -125,6 +125,7 @@ def test_trackers_wandb_offline_and_tensorboard(tmp_path):
     assert any("events.out.tfevents" in f for _, _, fs in os.walk(tmp_path / "logs") for f in fs)
 
 
+@pytest.mark.slow
 def test_cli_and_accelerate_script_two_processes_match_one(tmp_path):
     """Same global batch (8 = 1 x 8 = 2 x 4): the two-process loss curve equals the one-process one."""
     common = ["--config", TINY, "--train.max_steps=6", "--train.log_every=1", "--train.mixed_precision=no",

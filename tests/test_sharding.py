@@ -145,7 +145,7 @@ def test_a_sharded_checkpoint_resumed_without_sharding_names_the_fix(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh --cpu: its FSDP2 one-process row on a tiny Qwen2, printed as the table.
-    (All seven rows on CPU: `bash benchmarks/gpu_check.sh --cpu`, a few minutes.)"""
+    (All nine rows on CPU: `bash benchmarks/gpu_check.sh --cpu`, a few minutes.)"""
     out = run(["bash", os.path.join(ROOT, "benchmarks/gpu_check.sh"), "--cpu", "--only", "3",
                "--workdir", str(tmp_path)], env={"PYTHON": sys.executable})
     assert out.returncode == 0, out.stderr[-3000:]
