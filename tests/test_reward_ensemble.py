@@ -128,3 +128,23 @@ def test_pipeline_rm_ensemble_trains_members_and_ppo_reads_them(tmp_path):
     assert w[0].keys() == w[1].keys() and any(not torch.equal(w[0][k], w[1][k]) for k in w[0])
     with open(os.path.join(rm_cfg.output_dir, "summary.json")) as f:
         assert len(json.load(f)["ensemble"]) == 2
+
+
+@pytest.mark.slow
+def test_an_ensemble_trains_one_member_after_another_under_two_processes(tmp_path):
+    """Several stages in one launched process (here the ensemble's members) share its process group: a stage
+    ends without destroying it (engine.end_training), so the second member's DDP still has one."""
+    from conftest import ACCELERATE, run_processes
+
+    out = tmp_path / "rm"
+    run = run_processes([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                         "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "scripts/train_rm.py"),
+                         "--config", os.path.join(ROOT, "configs/rm/tiny.yaml"), "--rm.ensemble=2",
+                         "--data.train_files=[builtin:pairs:train:32]", "--data.eval_files=[]", "--train.max_steps=2",
+                         "--train.per_device_batch_size=4", "--train.save_every=0", "--log.progress=false",
+                         "--rm.normalize_on=[builtin:sft:train:8]", f"--output_dir={out}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    assert len(summary["ensemble"]) == 2 and summary["num_processes"] == 2
+    second = json.load(open(out / "member_1" / "summary.json"))
+    assert second["num_processes"] == 2 and second["steps"] == 2

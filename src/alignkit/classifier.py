@@ -342,7 +342,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    engine.end_training(accelerator)
     return summary
 
 

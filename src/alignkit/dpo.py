@@ -654,7 +654,7 @@ def _train(cfg, stage: str) -> dict:
         summary["weights"] = {"desirable": weights[0], "undesirable": weights[1]}
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    accelerator.end_training()
+    engine.end_training(accelerator)
     return summary
 
 

@@ -87,6 +87,39 @@ def make_accelerator(train: TrainConfig, log: LogConfig, output_dir: str):
     return acc
 
 
+def end_training(accelerator) -> None:
+    """End a stage: its trackers finish. A process group that a launcher made (several processes) stays up:
+    the next stage in this process (a pipeline, the next member of a reward-model ensemble) needs it, and it
+    is destroyed once, at exit, after the stages' models are gone. Destroying it here, as accelerate's
+    ``end_training`` does, left the last reference to it with a DDP model's reducer, whose destructor joins
+    gloo's threads while holding the GIL: a gloo thread that needs the GIL to free a tensor then deadlocks
+    the process (seen: a finished two-process run that never exited). A one-process group that FSDP2 made
+    for this stage (``sharding.init_process_group``) goes now, as before."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if sharding.OWN_GROUP:
+        sharding.OWN_GROUP.clear()
+        torch.distributed.destroy_process_group()
+    elif not _EXIT_HOOK:
+        import atexit
+
+        atexit.register(_destroy_process_group_at_exit)
+        _EXIT_HOOK.append(True)
+
+
+_EXIT_HOOK: list = []
+
+
+def _destroy_process_group_at_exit() -> None:
+    import gc
+
+    gc.collect()  # models in reference cycles go first, while the group is still registered
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def shard(model, accelerator, train: TrainConfig, mixed_precision: str | None = None):
     """Shard ``model`` over the processes with FSDP2 when the run asks for it (``train.sharding: fsdp2`` or
     an accelerate FSDP config); otherwise return it as is. Call before building its optimizer."""

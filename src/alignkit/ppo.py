@@ -566,7 +566,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     }
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    accelerator.end_training()
+    engine.end_training(accelerator)
     return summary
 
 

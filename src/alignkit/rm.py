@@ -277,7 +277,7 @@ def train_one_rm(cfg: RMConfig) -> dict:
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    engine.end_training(accelerator)
     return summary
 
 

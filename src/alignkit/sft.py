@@ -227,5 +227,5 @@ def train_sft(cfg: SFTConfig) -> dict:
     }
     if accelerator.is_main_process:
         engine.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    accelerator.end_training()
+    engine.end_training(accelerator)
     return summary

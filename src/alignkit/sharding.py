@@ -87,6 +87,11 @@ def init_process_group(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = dist.FileStore(tempfile.mktemp(prefix="alignkit-pg-"), 1)
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    OWN_GROUP.append(dist.group.WORLD)
+
+
+# The one-process group made above, if any: the stage that made it destroys it at its end (engine.end_training).
+OWN_GROUP: list = []
 
 
 def layer_classes(model: torch.nn.Module, opts: ShardingSettings) -> set[type]:
