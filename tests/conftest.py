@@ -78,13 +78,19 @@ def run_processes(cmd, timeout=300, env=None, attempts=2):
 def _cpu_if_too_few_gpus(cmd) -> dict:
     """Run N processes on CPU (gloo) where there are fewer than N GPUs: these tests check what several
     processes compute, and N NCCL ranks cannot share one GPU."""
-    import torch
-
     wanted = 1
     for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
         if flag in cmd[:-1]:
             wanted = int(cmd[cmd.index(flag) + 1])
-    return {"CUDA_VISIBLE_DEVICES": ""} if 1 < wanted and torch.cuda.device_count() < wanted else {}
+    return on_cpu_if_fewer_gpus_than(wanted) if wanted > 1 else {}
+
+
+def on_cpu_if_fewer_gpus_than(n: int) -> dict:
+    """The environment that hides the GPUs when there are fewer than ``n``: a one-process reference run
+    that a test compares with an n-process one takes it too, so both run on the same device."""
+    import torch
+
+    return {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.device_count() < n else {}
 
 
 def _kill_run(pgid, marker: dict) -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from alignkit.config import load_config
 from alignkit.modeling import ModelLoadError
 from alignkit.sft import SFTConfig, train_sft
-from conftest import ACCELERATE, ROOT, run_processes
+from conftest import ACCELERATE, ROOT, on_cpu_if_fewer_gpus_than, run_processes
 
 TINY = os.path.join(ROOT, "configs/sft/tiny.yaml")
 
@@ -130,7 +130,8 @@ def test_cli_and_accelerate_script_two_processes_match_one(tmp_path):
     """Same global batch (8 = 1 x 8 = 2 x 4): the two-process loss curve equals the one-process one."""
     common = ["--config", TINY, "--train.max_steps=6", "--train.log_every=1", "--train.mixed_precision=no",
               "--log.progress=false", "--data.eval_files=[builtin:sft:eval:32]"]
-    one = run_processes([sys.executable, "-m", "alignkit.cli", "sft", *common, f"--output_dir={tmp_path / 'one'}"])
+    one = run_processes([sys.executable, "-m", "alignkit.cli", "sft", *common, f"--output_dir={tmp_path / 'one'}"],
+                        env=on_cpu_if_fewer_gpus_than(2))  # where the two-process run will be
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_processes([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                          "--mixed_precision", "no", "--dynamo_backend", "no",

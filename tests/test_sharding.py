@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from alignkit import engine, sharding
 from alignkit.config import ConfigError, TrainConfig, load_config
 from alignkit.sft import SFTConfig, train_sft
-from conftest import ROOT, run_processes
+from conftest import ROOT, on_cpu_if_fewer_gpus_than, run_processes
 
 TINY = os.path.join(ROOT, "configs/sft/tiny.yaml")
 LAUNCH = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
@@ -25,7 +25,8 @@ COMMON = ["--config", TINY, "--train.max_steps=6", "--train.log_every=1", "--tra
 
 
 def run(cmd, env=None):
-    return run_processes(cmd, env=env)
+    """Every run here is compared with a two-process one: where fewer than 2 GPUs, all run on CPU."""
+    return run_processes(cmd, env={**on_cpu_if_fewer_gpus_than(2), **(env or {})})
 
 
 def losses(d):
