@@ -99,17 +99,14 @@ def end_training(accelerator) -> None:
         tracker.finish()
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
-    if sharding.OWN_GROUP:
-        sharding.OWN_GROUP.clear()
-        torch.distributed.destroy_process_group()
-    elif not _EXIT_HOOK:
+    if not sharding.destroy_own_group() and not _exit_hook:
         import atexit
 
         atexit.register(_destroy_process_group_at_exit)
-        _EXIT_HOOK.append(True)
+        _exit_hook.append(True)
 
 
-_EXIT_HOOK: list = []
+_exit_hook: list = []  # holds True once the at-exit destruction is registered (once per process)
 
 
 def _destroy_process_group_at_exit() -> None:

@@ -87,11 +87,22 @@ def init_process_group(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = dist.FileStore(tempfile.mktemp(prefix="alignkit-pg-"), 1)
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
-    OWN_GROUP.append(dist.group.WORLD)
+    global _own_group
+    _own_group = True
 
 
-# The one-process group made above, if any: the stage that made it destroys it at its end (engine.end_training).
-OWN_GROUP: list = []
+_own_group = False  # whether the process group is the one-process group made above
+
+
+def destroy_own_group() -> bool:
+    """Destroy the one-process group that ``init_process_group`` made (at the end of the stage that made
+    it); a group a launcher made is left alone. Returns whether there was one."""
+    global _own_group
+    if not _own_group:
+        return False
+    _own_group = False
+    dist.destroy_process_group()
+    return True
 
 
 def layer_classes(model: torch.nn.Module, opts: ShardingSettings) -> set[type]:
